@@ -1,0 +1,129 @@
+"""``load_pretrained``: a Hugging Face checkpoint directory -> a :class:`~llmparts.model.CausalLM`.
+
+Steps, each failing before any weights are read if something is wrong:
+
+1. ``config.json`` -> the family adapter for its ``model_type`` -> a validated :class:`ModelConfig`;
+2. the safetensors headers (single file or sharded) -> the family's weight map -> an assignment
+   checked against the model's parameters (built on the meta device): every tensor consumed or
+   ignored with a reason, every parameter filled, every shape equal;
+3. parameters allocated once on the target device and filled tensor by tensor, each cast to the
+   requested dtype on the way (no second copy of the weights).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError, ModelNotFoundError
+from ..model import CausalLM
+from .checkpoint import SafetensorsCheckpoint
+from .families import Family, HFConfig, family_for
+from .weight_map import plan_assignment
+
+
+def read_hf_config(directory: Path, strict: bool = True) -> tuple[ModelConfig, dict[str, Any], Family]:
+    """Parse ``directory/config.json`` into a ModelConfig through its family adapter."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ModelNotFoundError(f"{directory}: no config.json (expected a Hugging Face model directory)")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    hf = HFConfig(dict(data), str(path))
+    family = family_for(hf.get("model_type"), str(path))
+    raw = family.config_from_hf(hf)
+    hf.finish(strict)
+    raw.setdefault("name", directory.name)
+    try:
+        cfg = ModelConfig.from_dict(raw)
+    except ConfigError as e:
+        raise type(e)(f"{path}: {e}") from None
+    return cfg, raw, family
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_pretrained(source: str | Path, dtype: torch.dtype | str | None = None,
+                    device: torch.device | str | None = None, strict_config: bool = True) -> CausalLM:
+    """Load a Hugging Face checkpoint directory (``config.json`` + safetensors).
+
+    Args:
+        source: a local directory.
+        dtype: parameter dtype; default: the dtype the checkpoint stores its weights in.
+        device: where parameters live (``"cpu"``, ``"cuda"``, ...); default CPU.
+        strict_config: fail on config.json fields llmparts does not know (default), or only warn.
+    """
+    directory = Path(source)
+    if not directory.exists():
+        raise ModelNotFoundError(f"{source}: no such directory")
+    if not directory.is_dir():
+        raise ModelNotFoundError(f"{source}: not a directory (expected a Hugging Face model directory)")
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    cfg, raw, family = read_hf_config(directory, strict_config)
+    ckpt = SafetensorsCheckpoint(directory)
+    dtype = dtype or ckpt.dominant_dtype() or torch.float32
+    rules = family.weight_rules(raw)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    model.to(dtype)
+    return fill_model(model, ckpt.shapes, ckpt.tensors, rules, device, source=str(directory))
+
+
+def fill_model(model: CausalLM, shapes: dict[str, tuple[int, ...]], read: Any, rules: list[Any],
+               device: torch.device | str | None, source: str) -> CausalLM:
+    """Check the assignment, then allocate the meta-built ``model`` on ``device`` and stream tensors in.
+
+    ``read(keys)`` yields ``(key, tensor)`` for the requested checkpoint keys.
+    """
+    params = dict(model.named_parameters())
+    aliases = {  # tied parameters: a second name for a parameter already loaded under its first name
+        name: next(n for n, q in params.items() if q is p)
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if name not in params
+    }
+    shapes_all = {n: tuple(p.shape) for n, p in params.items()}
+    shapes_all.update({a: shapes_all[c] for a, c in aliases.items()})
+    hints = {}
+    if "head.weight" in params:
+        hints["head.weight"] = (
+            "(the config says the head is untied: tie_word_embeddings=false, but the checkpoint has no "
+            "lm_head weight; if it is tied, set tie_word_embeddings to true)"
+        )
+    try:
+        plan = plan_assignment(rules, shapes, shapes_all, hints=hints, optional=set(aliases))
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    # aliases are optional in the checkpoint: they are cross-checked when present
+    alias_keys = {k: v for k, v in plan.targets.items() if v in aliases}
+    model.to_empty(device=device or "cpu")
+    model.tie_weights()
+    params = dict(model.named_parameters())  # to_empty made new parameter objects
+    wanted = set(plan.targets)
+    with torch.no_grad():
+        for key, tensor in read(wanted):
+            name = plan.targets[key]
+            if name in aliases:
+                continue
+            params[name].copy_(tensor)  # copy_ casts dtype and moves device per tensor
+        if alias_keys:
+            for key, tensor in read(set(alias_keys)):
+                canon = params[aliases[alias_keys[key]]]
+                if not torch.equal(tensor.to(canon.device, canon.dtype), canon):
+                    raise CheckpointError(
+                        f"{source}: {key} differs from the tensor it is tied to ({aliases[alias_keys[key]]}); "
+                        "the config says the embeddings are tied (tie_word_embeddings=true) but the "
+                        "checkpoint has a distinct head: set tie_word_embeddings to false"
+                    )
+    return model.eval()

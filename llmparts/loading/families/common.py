@@ -1,0 +1,135 @@
+"""Pieces shared by family adapters: RoPE parameters, layer types, the Llama-style tensor names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...errors import ConfigError, UnsupportedModelError
+from ..weight_map import Ignore, Rename, Rule
+from . import HFConfig
+
+# HF rope_type -> {HF key: llmparts key} for the scaling fields each type accepts.
+_ROPE_KEYS: dict[str, dict[str, str]] = {
+    "default": {},
+    "linear": {"factor": "factor"},
+    "llama3": {
+        "factor": "factor",
+        "low_freq_factor": "low_freq_factor",
+        "high_freq_factor": "high_freq_factor",
+        "original_max_position_embeddings": "original_max_seq_len",
+    },
+    "yarn": {
+        "factor": "factor",
+        "original_max_position_embeddings": "original_max_seq_len",
+        "beta_fast": "beta_fast",
+        "beta_slow": "beta_slow",
+        "mscale": "mscale",
+        "mscale_all_dim": "mscale_all_dim",
+        "attention_factor": "attention_factor",
+        "truncate": "truncate",
+    },
+}
+_ROPE_REQUIRED = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+    "yarn": ("factor",),
+}
+
+
+def rope_from_hf(hf: HFConfig, default_theta: float, params: dict[str, Any] | None = None,
+                 where: str | None = None) -> dict[str, Any]:
+    """The llmparts ``position`` dict from either config layout.
+
+    transformers 5.x writes ``rope_parameters: {rope_type, rope_theta, ...}``; 4.x checkpoints carry
+    ``rope_theta`` plus ``rope_scaling: {type | rope_type, ...}`` (or null). Unknown rope types and
+    unknown keys fail; nothing falls back to default RoPE silently.
+    """
+    src = hf.source
+    if params is None:
+        if "rope_parameters" in hf:
+            params = dict(hf.get("rope_parameters"))
+            where = where or "rope_parameters"
+            hf.get("rope_scaling")  # transformers 5 may also echo the legacy key
+            hf.get("rope_theta")
+        else:
+            params = dict(hf.get("rope_scaling") or {})
+            where = where or "rope_scaling"
+            if "rope_theta" not in params:
+                params["rope_theta"] = hf.get("rope_theta", default_theta)
+    params = dict(params)
+    if not isinstance(params, dict):
+        raise ConfigError(f"{src}: {where} must be an object, got {params!r}")
+    rope_type = params.pop("rope_type", None)
+    legacy_type = params.pop("type", None)
+    rope_type = rope_type or legacy_type or "default"
+    if rope_type not in _ROPE_KEYS:
+        raise UnsupportedModelError(
+            f"{src}: {where}.rope_type {rope_type!r} is not supported; supported: {', '.join(_ROPE_KEYS)}"
+        )
+    theta = params.pop("rope_theta", default_theta)
+    prf = params.pop("partial_rotary_factor", 1.0)
+    if prf != 1.0:
+        raise UnsupportedModelError(
+            f"{src}: {where}.partial_rotary_factor={prf} is not supported for this family "
+            "(transformers ignores it for these models, so the intended rotation is ambiguous)"
+        )
+    allowed = _ROPE_KEYS[rope_type]
+    for key in _ROPE_REQUIRED.get(rope_type, ()):
+        if key not in params:
+            raise ConfigError(f"{src}: {where} of rope_type {rope_type!r} requires {key!r}")
+    scaling: dict[str, Any] = {"type": rope_type}
+    for key, value in params.items():
+        if key not in allowed:
+            raise UnsupportedModelError(
+                f"{src}: {where}: key {key!r} is not valid for rope_type {rope_type!r}; "
+                f"valid keys: {', '.join(['rope_type', 'rope_theta', *allowed]) }"
+            )
+        if value is not None:
+            scaling[allowed[key]] = value
+    if rope_type in ("llama3", "yarn") and "original_max_seq_len" not in scaling:
+        # transformers fills it from the top-level field, else from max_position_embeddings
+        scaling["original_max_seq_len"] = hf.get("original_max_position_embeddings") or hf.require(
+            "max_position_embeddings"
+        )
+    return {"type": "rope", "theta": float(theta), "scaling": scaling}
+
+
+def windows_from_layer_types(hf: HFConfig, n_layers: int, window: int | None, default_types: list[str],
+                             no_window_reason: str = "sliding_window is not set") -> list[dict[str, Any]]:
+    """Per-layer overrides setting ``attention.window`` for ``sliding_attention`` layers."""
+    types = hf.get("layer_types", default_types)
+    if not isinstance(types, list) or len(types) != n_layers:
+        raise ConfigError(
+            f"{hf.source}: layer_types must list one entry per layer ({n_layers}), got "
+            f"{len(types) if isinstance(types, list) else types!r}"
+        )
+    allowed = ("full_attention", "sliding_attention")
+    for i, t in enumerate(types):
+        if t not in allowed:
+            raise UnsupportedModelError(f"{hf.source}: layer_types[{i}] = {t!r} is not one of {allowed}")
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if not sliding:
+        return []
+    if not window:
+        raise ConfigError(
+            f"{hf.source}: layer_types marks layers {sliding} as sliding_attention but {no_window_reason} "
+            "(contradictory fields)"
+        )
+    return [{"layers": sliding, "attention": {"window": int(window)}}]
+
+
+def llama_rules(tied: bool, qk_norm: bool = False) -> list[Rule]:
+    """Tensor names of the Llama layout (also Qwen3, Mistral, SmolLM3): pre-norm blocks."""
+    rules: list[Rule] = [
+        Rename("model.embed_tokens.weight", "embed.weight"),
+        Rename("model.norm.weight", "final_norm.weight"),
+        Rename("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
+        Rename("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight"),
+        Rename("model.layers.{i}.self_attn.{p}_proj.{w}", "layers.{i}.attn.{p}_proj.{w}"),
+        Rename("model.layers.{i}.mlp.{p}_proj.{w}", "layers.{i}.mlp.{p}_proj.{w}"),
+        Ignore("model.layers.{i}.self_attn.rotary_emb.inv_freq", "RoPE tables are recomputed, never loaded"),
+    ]
+    if qk_norm:
+        rules.append(Rename("model.layers.{i}.self_attn.{p}_norm.weight", "layers.{i}.attn.{p}_norm.weight"))
+    rules.append(Rename("lm_head.weight", "head.weight"))
+    return rules

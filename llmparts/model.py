@@ -1,0 +1,234 @@
+"""The decoder-only language model: embedding, blocks, final norm, head.
+
+``CausalLM(config)`` builds every layer from its resolved spec. The model holds no hidden state:
+an optional :class:`~llmparts.kv_cache.KVCache` is passed to ``forward`` explicitly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LayerSpec, ModelConfig, load_config
+from .errors import ConfigError
+from .kv_cache import KVCache, StepPlan, plan_without_cache
+from .modules import build
+from .modules.position import Tables
+
+
+class Embedding(nn.Module):
+    """Token embedding; Gemma multiplies by sqrt(d_model), rounded to the weight dtype first."""
+
+    def __init__(self, vocab_size: int, d_model: int, scale: float | str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+        self.scale = d_model**0.5 if scale == "sqrt_d_model" else (None if scale == "none" else float(scale))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.weight)
+        if self.scale is not None:
+            x = x * torch.tensor(self.scale, dtype=self.weight.dtype)
+        return x
+
+
+class Block(nn.Module):
+    """Attention then MLP, each in a residual branch with norms where ``norm_placement`` puts them.
+
+    ``pre``: ``x + f(norm(x))``; ``post``: ``x + norm(f(x))`` (OLMo2); ``sandwich``:
+    ``x + norm_out(f(norm_in(x)))`` (Gemma3). Norm names: ``attn_norm``/``mlp_norm`` on the branch
+    input, ``attn_out_norm``/``mlp_out_norm`` on the branch output.
+    """
+
+    def __init__(self, spec: LayerSpec, d_model: int, index: int) -> None:
+        super().__init__()
+        self.spec, self.index = spec, index
+        self.attn = build(spec.attention, d_model=d_model, norm=spec.norm)
+        self.mlp = build(spec.mlp, d_model=d_model)
+        placement = spec.block.norm_placement  # type: ignore[attr-defined]
+        self.pre = placement in ("pre", "sandwich")
+        self.post = placement in ("post", "sandwich")
+        if self.pre:
+            self.attn_norm = build(spec.norm, dim=d_model)
+            self.mlp_norm = build(spec.norm, dim=d_model)
+        if self.post:
+            self.attn_out_norm = build(spec.norm, dim=d_model)
+            self.mlp_out_norm = build(spec.norm, dim=d_model)
+
+    def forward(self, x: torch.Tensor, position: nn.Module, tables: Tables, plan: StepPlan,
+                kv: Any = None, start: int = 0) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x) if self.pre else x, position, tables, plan, kv, start)
+        x = x + (self.attn_out_norm(h) if self.post else h)
+        h = self.mlp(self.mlp_norm(x) if self.pre else x)
+        return x + (self.mlp_out_norm(h) if self.post else h)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only transformer language model built from a :class:`ModelConfig`.
+
+    ``model(ids)`` -> float32 logits (B, T, vocab_size). With ``labels`` it returns the mean
+    next-token cross-entropy (labels shifted by one inside; -100 is ignored). With a cache from
+    :meth:`make_cache` it decodes incrementally: ``model(ids, cache=cache)`` continues where the
+    cache stopped; ``pos`` (int start or (B, T) positions, -1 for padding) overrides that.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = Embedding(config.vocab_size, config.d_model, config.embedding.scale)  # type: ignore[attr-defined]
+        self.layers = nn.ModuleList(Block(spec, config.d_model, i) for i, spec in enumerate(config.layers))
+        self.final_norm = build(config.final_norm, dim=config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # One position module per distinct spec: layers sharing it share the cos/sin tables.
+        self.positions = nn.ModuleDict()
+        self._position_key: list[str] = []
+        keys: dict[Any, str] = {}
+        for spec in config.layers:
+            if spec.position not in keys:
+                keys[spec.position] = str(len(keys))
+                self.positions[keys[spec.position]] = build(spec.position)
+            self._position_key.append(keys[spec.position])
+        self.tie_weights()
+
+    # ------------------------------------------------------------------------------ parameters
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random init: N(0, init_std) for embeddings and projections, zero biases, norms to identity."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std, generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif hasattr(module, "reset_parameters") and module is not self:
+                module.reset_parameters()
+        self.embed.weight.normal_(0.0, std, generator=generator)
+        for block in self.layers:
+            if getattr(block.attn, "sinks", None) is not None:
+                block.attn.sinks.zero_()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # shared (tied) parameters counted once
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    # ---------------------------------------------------------------------------------- caches
+    def make_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> KVCache:
+        """A preallocated KV cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens."""
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        if max_seq_len > self.config.max_seq_len:
+            raise ConfigError(
+                f"max_seq_len {max_seq_len} exceeds the model's context ({self.config.max_seq_len})"
+            )
+        return KVCache(
+            [b.attn.spec.window for b in self.layers],
+            [b.attn.cache_dims() for b in self.layers],
+            batch_size, max_seq_len, dtype or self.dtype, device or self.device,
+        )
+
+    # --------------------------------------------------------------------------------- forward
+    def _positions(self, input_ids: torch.Tensor, cache: KVCache | None, pos: Any,
+                   attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+        """(B, T) absolute positions (-1 for padding) and whether they continue contiguously."""
+        B, T = input_ids.shape
+        dev = input_ids.device
+        if attention_mask is not None:
+            if pos is not None:
+                raise ValueError("pass either pos or attention_mask, not both")
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+            m = attention_mask.to(dev).long()
+            q = m.cumsum(-1) - 1
+            if cache is not None and cache.length:
+                raise ValueError("attention_mask with a non-empty cache: pass explicit pos instead")
+            return q.masked_fill(m == 0, -1), bool((m == 1).all())
+        if pos is None:
+            start = 0 if cache is None else (cache.next_pos if cache.next_pos >= 0 else cache.length)
+            if cache is not None and cache.next_pos < 0:
+                raise ValueError("the cache holds padded or non-contiguous positions: pass pos explicitly")
+            pos = start
+        if isinstance(pos, int):
+            if pos < 0:
+                raise ValueError(f"pos must be >= 0, got {pos}")
+            return torch.arange(pos, pos + T, device=dev).expand(B, T), True
+        pos = torch.as_tensor(pos, device=dev, dtype=torch.long)
+        if pos.dim() == 1:
+            pos = pos.expand(B, T)
+        if pos.shape != (B, T):
+            raise ValueError(f"pos shape {tuple(pos.shape)} does not match input_ids {(B, T)}")
+        return pos, False
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, pos: Any = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        q_pos, contiguous = self._positions(input_ids, cache, pos, attention_mask)
+        if T == 0:
+            raise ValueError("input_ids is empty (T == 0)")
+        top = int(q_pos.max()) if not contiguous else int(q_pos[0, -1])
+        if top >= self.config.max_seq_len:
+            raise ValueError(
+                f"position {top} is beyond the model's context (max_seq_len {self.config.max_seq_len})"
+            )
+        x = self.embed(input_ids)
+        safe_pos = q_pos.clamp(min=0)
+        tables = {key: mod.tables(safe_pos, x.dtype) for key, mod in self.positions.items()}
+        windows = {b.attn.spec.window for b in self.layers}
+        if cache is not None:
+            plans = cache.begin(q_pos, contiguous)
+            start = cache.length
+        else:
+            plans = {w: plan_without_cache(q_pos, w, contiguous) for w in windows}
+            start = 0
+        for i, block in enumerate(self.layers):
+            key = self._position_key[i]
+            kv = cache.layers[i] if cache is not None else None
+            x = block(x, self.positions[key], tables[key], plans[block.attn.spec.window], kv, start)
+        if cache is not None:
+            cache.commit(q_pos)
+        logits = self.head(self.final_norm(x)).float()
+        if self.config.logit_softcap is not None:
+            c = self.config.logit_softcap
+            logits = c * torch.tanh(logits / c)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def build_model(config: str | ModelConfig | dict[str, Any], overrides: list[str] | None = None,
+                dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                seed: int | None = 0) -> CausalLM:
+    """Build a randomly initialised model from a shipped config name, a YAML path, a dict or a config.
+
+    ``overrides`` are CLI-style (``"attention.n_kv_heads=1"``, ``"layers[3::4].position.type=none"``).
+    ``device="meta"`` builds without allocating memory (for counting parameters or loading).
+    """
+    cfg = load_config(config, overrides)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    if dtype is not None:
+        model.to(dtype)
+    if device is not None and torch.device(device).type == "meta":
+        return model
+    model.to_empty(device=device or "cpu")
+    model.tie_weights()
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=model.device)
+        gen.manual_seed(seed)
+    model.init_weights(gen)
+    return model

@@ -1,0 +1,114 @@
+"""Softmax attention for MHA, GQA and MQA — one module, chosen by ``n_kv_heads``.
+
+Used by Llama 3, Qwen3, Mistral, Gemma3, OLMo2/3, SmolLM3 and GPT-OSS. Features are spec fields:
+q/k/v and output biases, QK-norm (per head or over the full width, before or after RoPE), a
+sliding window, learned per-head sinks (GPT-OSS), logit soft-capping and a softmax scale override.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kv_cache import LayerKV, StepPlan
+from ..registry import register_module
+from ..specs import AttentionSpec, Spec
+from .position import Tables
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact reference attention (the path for sinks and soft-capping, which SDPA cannot express).
+
+    q (B, H, T, D), k/v (B, K, S, D) with H a multiple of K; mask (B, 1, T, S) bool, True = visible.
+    Logits are scaled after ``q @ k^T``, masked with the dtype's most negative finite value (so a
+    fully masked row stays finite), soft-capped as ``c * tanh(s / c)`` before masking, and
+    normalised in float32. A sink is one extra logit per head appended to every row and dropped
+    after the softmax: ``out = sum_j e^{s_j} v_j / (sum_j e^{s_j} + e^{sink})``.
+    """
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    qg = q.view(B, K, H // K, T, D)  # group query heads by the kv head they share
+    scores = (qg @ k[:, :, None].transpose(-1, -2)).view(B, H, T, S) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).view(1, H, 1, 1).expand(B, H, T, 1)
+        scores = torch.cat((scores, sink), dim=-1)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    out = probs.view(B, K, H // K, T, S) @ v[:, :, None]
+    return out.view(B, H, T, v.shape[-1])
+
+
+@register_module("attention", "gqa")
+class Attention(nn.Module):
+    """Multi-head attention with ``n_kv_heads`` shared key/value heads (Ainslie et al. 2023).
+
+    Args:
+        spec: resolved :class:`~llmparts.specs.AttentionSpec` (n_kv_heads and head_dim filled).
+        d_model: residual width.
+        norm: norm spec used for QK-norm when ``spec.qk_norm`` is not ``none``.
+    """
+
+    def __init__(self, spec: AttentionSpec, d_model: int, norm: Spec) -> None:
+        super().__init__()
+        from . import build
+
+        self.spec = spec
+        H, K, D = spec.n_heads, spec.n_kv_heads or spec.n_heads, spec.head_dim or 0
+        self.n_heads, self.n_kv_heads, self.head_dim = H, K, D
+        self.scale = spec.scale if spec.scale is not None else D**-0.5
+        self.q_proj = nn.Linear(d_model, H * D, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(d_model, K * D, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(d_model, K * D, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(H * D, d_model, bias=spec.out_bias)
+        if spec.qk_norm == "per_head":  # Qwen3, Gemma3: one weight of head_dim shared by all heads
+            self.q_norm, self.k_norm = build(norm, dim=D), build(norm, dim=D)
+        elif spec.qk_norm == "full":  # OLMo2: over the whole projected width, before the head split
+            self.q_norm, self.k_norm = build(norm, dim=H * D), build(norm, dim=K * D)
+        self.sinks = nn.Parameter(torch.zeros(H)) if spec.sinks else None
+
+    def cache_dims(self) -> tuple[int, int, int]:
+        return self.n_kv_heads, self.head_dim, self.head_dim
+
+    def _qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.spec.qk_norm == "per_head":
+            return self.q_norm(q), self.k_norm(k)
+        B, H, T, D = q.shape  # full width: norm over (H * D) per token, then split heads again
+        q = self.q_norm(q.transpose(1, 2).reshape(B, T, H * D)).view(B, T, H, D).transpose(1, 2)
+        K = k.shape[1]
+        k = self.k_norm(k.transpose(1, 2).reshape(B, T, K * D)).view(B, T, K, D).transpose(1, 2)
+        return q, k
+
+    def forward(self, x: torch.Tensor, position: nn.Module, tables: Tables, plan: StepPlan,
+                kv: LayerKV | None = None, start: int = 0) -> torch.Tensor:
+        """x (B, T, d_model) -> (B, T, d_model). ``plan`` carries the mask; ``kv`` the layer's cache."""
+        B, T, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)
+        norm_first = self.spec.qk_norm != "none" and self.spec.qk_norm_position == "before_rope"
+        if norm_first:
+            q, k = self._qk_norm(q, k)
+        q, k = position.rotate(q, tables), position.rotate(k, tables)
+        if self.spec.qk_norm != "none" and not norm_first:
+            q, k = self._qk_norm(q, k)
+        if kv is not None:
+            k, v = kv.update(k, v, plan, start)
+        if self.sinks is not None or self.spec.softcap is not None:
+            mask = plan.mask
+            if mask is None and plan.is_causal:
+                S = k.shape[2]
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
+            out = eager_attention(q, k, v, mask, self.scale, self.spec.softcap, self.sinks)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=plan.mask, is_causal=plan.is_causal, scale=self.scale, enable_gqa=K != H
+            )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))

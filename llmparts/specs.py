@@ -1,0 +1,328 @@
+"""Typed, frozen component specs, one small dataclass per ``(kind, type)``.
+
+A spec holds what the user wrote (``None`` where a value is derived). ``resolve(ctx)`` returns a copy
+with every derived field filled and every cross-field rule checked, for one layer; the model is built
+only from resolved specs. Field types are enforced by :func:`llmparts.config.parse_spec` from the
+annotations below, so a spec class is the single source of truth for its YAML schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from .errors import ConfigError
+from .registry import register_spec
+
+
+@dataclass(frozen=True)
+class Spec:
+    kind: ClassVar[str] = ""
+    type: str = ""
+
+    def resolve(self, ctx: dict[str, Any], path: str) -> "Spec":
+        """Fill derived fields and check consistency; ``ctx`` carries d_model, max_seq_len, attention."""
+        return self
+
+    def replace(self, **changes: Any) -> "Spec":
+        return dataclasses.replace(self, **changes)
+
+
+def _positive(path: str, name: str, value: float | int | None, allow_none: bool = True) -> None:
+    if value is None:
+        if not allow_none:
+            raise ConfigError(f"{path}.{name} is required")
+        return
+    if value <= 0:
+        raise ConfigError(f"{path}.{name} must be > 0, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------- norms
+@register_spec("norm", "rmsnorm")
+@dataclass(frozen=True)
+class RMSNormSpec(Spec):
+    """RMSNorm: ``x / sqrt(mean(x^2) + eps) * (offset + w)``, statistics always in float32.
+
+    ``offset: 1.0`` is Gemma's ``(1 + w)`` (weights stored as offsets, zero-initialised).
+    ``cast``: where the float32 result returns to the input dtype. ``before_weight`` is Llama's
+    ``w * y.to(dtype)``; ``after_weight`` is Gemma's/OLMo's ``(y * w).to(dtype)``. Equal in float32.
+    """
+
+    type: str = "rmsnorm"
+    eps: float = 1e-6
+    offset: float = 0.0
+    cast: Literal["before_weight", "after_weight"] = "before_weight"
+
+    def resolve(self, ctx: dict[str, Any], path: str) -> "RMSNormSpec":
+        _positive(path, "eps", self.eps)
+        return self
+
+
+@register_spec("norm", "layernorm")
+@dataclass(frozen=True)
+class LayerNormSpec(Spec):
+    """LayerNorm (mean and variance), statistics in float32; optional bias."""
+
+    type: str = "layernorm"
+    eps: float = 1e-5
+    bias: bool = True
+
+    def resolve(self, ctx: dict[str, Any], path: str) -> "LayerNormSpec":
+        _positive(path, "eps", self.eps)
+        return self
+
+
+# ------------------------------------------------------------------------------- rope scalings
+@register_spec("rope_scaling", "default")
+@dataclass(frozen=True)
+class DefaultRopeScaling(Spec):
+    """No scaling: ``inv_freq = 1 / theta ** (2i / dim)``."""
+
+    type: str = "default"
+
+
+@register_spec("rope_scaling", "linear")
+@dataclass(frozen=True)
+class LinearRopeScaling(Spec):
+    """Position interpolation: every frequency divided by ``factor`` (Gemma3 4B+ global layers)."""
+
+    type: str = "linear"
+    factor: float = 1.0
+
+    def resolve(self, ctx: dict[str, Any], path: str) -> "LinearRopeScaling":
+        _positive(path, "factor", self.factor, allow_none=False)
+        return self
+
+
+@register_spec("rope_scaling", "llama3")
+@dataclass(frozen=True)
+class Llama3RopeScaling(Spec):
+    """Llama 3.1's piecewise scaling: low frequencies / factor, high kept, a smooth band between."""
+
+    type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+    def resolve(self, ctx: dict[str, Any], path: str) -> "Llama3RopeScaling":
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"):
+            _positive(path, name, getattr(self, name), allow_none=False)
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(
+                f"{path}: high_freq_factor ({self.high_freq_factor}) must be > low_freq_factor "
+                f"({self.low_freq_factor})"
+            )
+        return self
+
+
+@register_spec("rope_scaling", "yarn")
+@dataclass(frozen=True)
+class YarnRopeScaling(Spec):
+    """YaRN (Peng et al. 2023): per-frequency blend of interpolation and extrapolation, plus an
+    attention factor that multiplies cos and sin (so logits by its square).
+
+    ``factor: null`` derives it as ``max_seq_len / original_max_seq_len``. ``attention_factor: null``
+    derives it from ``mscale``/``mscale_all_dim`` (DeepSeek) or ``0.1 ln(factor) + 1``.
+    ``truncate``: floor/ceil the correction range (GPT-OSS uses false).
+    """
+
+    type: str = "yarn"
+    factor: float | None = None
+    original_max_seq_len: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def resolve(self, ctx: dict[str, Any], path: str) -> "YarnRopeScaling":
+        _positive(path, "original_max_seq_len", self.original_max_seq_len, allow_none=False)
+        factor = self.factor
+        if factor is None:
+            factor = ctx["max_seq_len"] / self.original_max_seq_len
+        _positive(path, "factor", factor, allow_none=False)
+        for name in ("beta_fast", "beta_slow", "attention_factor"):
+            _positive(path, name, getattr(self, name))
+        attn = self.attention_factor
+        if attn is None:
+            attn = yarn_attention_factor(factor, self.mscale, self.mscale_all_dim)
+        return dataclasses.replace(self, factor=float(factor), attention_factor=float(attn))
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_attention_factor(factor: float, mscale: float | None, mscale_all_dim: float | None) -> float:
+    if mscale and mscale_all_dim:
+        return yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+    return yarn_get_mscale(factor)
+
+
+# ------------------------------------------------------------------------------------ position
+@register_spec("position", "rope")
+@dataclass(frozen=True)
+class RopeSpec(Spec):
+    """Rotary position embedding (Su et al. 2021).
+
+    ``layout``: ``half`` rotates pairs (i, i + d/2) (HF checkpoints); ``interleaved`` rotates
+    (2i, 2i + 1) (Meta/DeepSeek originals). ``rotary_dim`` < head_dim rotates only the first dims
+    (partial rotary); ``null`` means head_dim. ``compute_dtype: float32`` rotates in float32 and casts
+    back (OLMo2/3); ``model`` casts cos/sin to the activation dtype first (Llama, Qwen3, Gemma3).
+    """
+
+    type: str = "rope"
+    theta: float = 10000.0
+    layout: Literal["half", "interleaved"] = "half"
+    rotary_dim: int | None = None
+    compute_dtype: Literal["model", "float32"] = "model"
+    scaling: Spec = field(default=DefaultRopeScaling(), metadata={"kind": "rope_scaling"})
+
+    def resolve(self, ctx: dict[str, Any], path: str) -> "RopeSpec":
+        _positive(path, "theta", self.theta)
+        head_dim = ctx["rope_head_dim"]
+        rot = head_dim if self.rotary_dim is None else self.rotary_dim
+        if rot <= 0 or rot % 2 or rot > head_dim:
+            raise ConfigError(
+                f"{path}.rotary_dim: must be even, > 0 and <= head_dim ({head_dim}), got {rot}"
+                + (" (head_dim is odd: set rotary_dim to an even value)" if self.rotary_dim is None else "")
+            )
+        scaling = self.scaling.resolve(ctx, f"{path}.scaling")
+        return dataclasses.replace(self, rotary_dim=rot, scaling=scaling)
+
+
+@register_spec("position", "none")
+@dataclass(frozen=True)
+class NoPESpec(Spec):
+    """No positional encoding at all (NoPE): queries and keys are not rotated (SmolLM3 every 4th layer)."""
+
+    type: str = "none"
+
+
+# ----------------------------------------------------------------------------------- attention
+@register_spec("attention", "gqa")
+@dataclass(frozen=True)
+class AttentionSpec(Spec):
+    """Softmax attention with ``n_heads`` query heads sharing ``n_kv_heads`` key/value heads.
+
+    MHA is ``n_kv_heads == n_heads`` (or null), MQA ``n_kv_heads: 1``, GQA anything between.
+    ``qk_norm``: ``per_head`` normalises each head over head_dim (Qwen3, Gemma3); ``full`` over the
+    whole projected width (OLMo2). ``window``: W visible keys including the query (sliding window).
+    ``sinks``: one learned logit per head joins the softmax (GPT-OSS). ``softcap``: ``c tanh(s / c)``
+    on the logits (Gemma2). ``scale``: softmax scale, default ``head_dim ** -0.5``.
+    """
+
+    type: str = "gqa"
+    n_heads: int = 0
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: Literal["none", "per_head", "full"] = "none"
+    qk_norm_position: Literal["before_rope", "after_rope"] = "before_rope"
+    window: int | None = None
+    sinks: bool = False
+    softcap: float | None = None
+    scale: float | None = None
+
+    def resolve(self, ctx: dict[str, Any], path: str) -> "AttentionSpec":
+        d_model = ctx["d_model"]
+        if self.n_heads <= 0:
+            raise ConfigError(f"{path}.n_heads is required and must be > 0, got {self.n_heads!r}")
+        n_kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        if n_kv <= 0 or self.n_heads % n_kv:
+            raise ConfigError(
+                f"{path}.n_kv_heads: n_heads ({self.n_heads}) must be divisible by n_kv_heads ({n_kv}); "
+                f"valid values: {[k for k in range(1, self.n_heads + 1) if self.n_heads % k == 0]}"
+            )
+        head_dim = self.head_dim
+        if head_dim is None:
+            if d_model % self.n_heads:
+                raise ConfigError(
+                    f"{path}.head_dim is missing and cannot be derived: d_model ({d_model}) is not "
+                    f"divisible by n_heads ({self.n_heads}); set head_dim explicitly"
+                )
+            head_dim = d_model // self.n_heads
+        _positive(path, "head_dim", head_dim)
+        if self.window is not None and self.window < 1:
+            raise ConfigError(f"{path}.window must be >= 1 (or null for full attention), got {self.window}")
+        if self.window is not None and self.window > ctx["max_seq_len"]:
+            raise ConfigError(
+                f"{path}.window ({self.window}) is larger than max_seq_len ({ctx['max_seq_len']}); "
+                "use window: null for full attention"
+            )
+        _positive(path, "softcap", self.softcap)
+        _positive(path, "scale", self.scale)
+        return dataclasses.replace(self, n_kv_heads=n_kv, head_dim=head_dim)
+
+
+# ------------------------------------------------------------------------------------------ mlp
+Activation = Literal["silu", "gelu_tanh", "gelu", "relu"]
+
+
+@register_spec("mlp", "gated")
+@dataclass(frozen=True)
+class GatedMLPSpec(Spec):
+    """``down(act(gate(x)) * up(x))``: SwiGLU with ``silu`` (Llama, Qwen), GeGLU with ``gelu_tanh`` (Gemma)."""
+
+    type: str = "gated"
+    hidden_dim: int = 0
+    activation: Activation = "silu"
+    bias: bool = False
+
+    def resolve(self, ctx: dict[str, Any], path: str) -> "GatedMLPSpec":
+        _positive(path, "hidden_dim", self.hidden_dim, allow_none=False)
+        return self
+
+
+@register_spec("mlp", "plain")
+@dataclass(frozen=True)
+class PlainMLPSpec(Spec):
+    """``down(act(up(x)))``: the original transformer MLP (GPT-2 style)."""
+
+    type: str = "plain"
+    hidden_dim: int = 0
+    activation: Activation = "gelu"
+    bias: bool = False
+
+    def resolve(self, ctx: dict[str, Any], path: str) -> "PlainMLPSpec":
+        _positive(path, "hidden_dim", self.hidden_dim, allow_none=False)
+        return self
+
+
+# ---------------------------------------------------------------------------- block, embedding
+@register_spec("block", "transformer")
+@dataclass(frozen=True)
+class BlockSpec(Spec):
+    """Residual block around attention and MLP.
+
+    ``pre``: ``x + f(norm(x))`` (Llama, Qwen). ``post``: ``x + norm(f(x))`` (OLMo2: the norm is on the
+    sublayer output, inside the residual). ``sandwich``: ``x + norm2(f(norm1(x)))`` (Gemma3).
+    """
+
+    type: str = "transformer"
+    norm_placement: Literal["pre", "post", "sandwich"] = "pre"
+
+
+@register_spec("embedding", "standard")
+@dataclass(frozen=True)
+class EmbeddingSpec(Spec):
+    """Token embedding, optionally multiplied by a constant (``sqrt_d_model``: Gemma, in the weight dtype)."""
+
+    type: str = "standard"
+    scale: float | Literal["none", "sqrt_d_model"] = "none"
+
+
+DEFAULT_TYPES = {
+    "attention": "gqa",
+    "position": "rope",
+    "rope_scaling": "default",
+    "norm": "rmsnorm",
+    "mlp": "gated",
+    "block": "transformer",
+    "embedding": "standard",
+}
