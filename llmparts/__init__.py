@@ -6,6 +6,8 @@ from .errors import (
     CacheError,
     CheckpointError,
     ConfigError,
+    ContextLengthError,
+    InputError,
     LLMPartsError,
     ModelNotFoundError,
     UnsupportedModelError,
@@ -14,7 +16,7 @@ from .kv_cache import KVCache
 from .model import CausalLM, build_model
 
 __all__ = [
-    "CacheError", "CausalLM", "CheckpointError", "ConfigError", "KVCache", "LLMPartsError", "LayerSpec",
+    "CacheError", "CausalLM", "CheckpointError", "ConfigError", "ContextLengthError", "InputError", "KVCache", "LLMPartsError", "LayerSpec",
     "ModelConfig", "ModelNotFoundError", "UnsupportedModelError", "apply_cli_overrides", "build_model",
     "describe", "load_config", "load_pretrained", "shipped_configs",
 ]

@@ -30,6 +30,14 @@ class ModelNotFoundError(LLMPartsError, FileNotFoundError):
     """A model name, path or file does not exist."""
 
 
+class InputError(LLMPartsError, ValueError):
+    """A call's runtime input is invalid (shapes, positions, sampling parameters, empty prompt)."""
+
+
+class ContextLengthError(InputError):
+    """A sequence does not fit the model's context or the cache's capacity."""
+
+
 class CacheError(LLMPartsError, ValueError):
     """A KV cache is used beyond its capacity or with the wrong shape."""
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LayerSpec, ModelConfig, load_config
-from .errors import ConfigError
+from .errors import ConfigError, ContextLengthError, InputError
 from .kv_cache import KVCache, StepPlan, plan_without_cache
 from .modules import build
 from .modules.position import Tables
@@ -130,7 +130,7 @@ class CausalLM(nn.Module):
         """A preallocated KV cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens."""
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
-            raise ConfigError(
+            raise ContextLengthError(
                 f"max_seq_len {max_seq_len} exceeds the model's context ({self.config.max_seq_len})"
             )
         return KVCache(
@@ -147,43 +147,46 @@ class CausalLM(nn.Module):
         dev = input_ids.device
         if attention_mask is not None:
             if pos is not None:
-                raise ValueError("pass either pos or attention_mask, not both")
+                raise InputError("pass either pos or attention_mask, not both")
             if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+                raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
             m = attention_mask.to(dev).long()
             q = m.cumsum(-1) - 1
             if cache is not None and cache.length:
-                raise ValueError("attention_mask with a non-empty cache: pass explicit pos instead")
+                raise InputError("attention_mask with a non-empty cache: pass explicit pos instead")
             return q.masked_fill(m == 0, -1), bool((m == 1).all())
         if pos is None:
             start = 0 if cache is None else (cache.next_pos if cache.next_pos >= 0 else cache.length)
             if cache is not None and cache.next_pos < 0:
-                raise ValueError("the cache holds padded or non-contiguous positions: pass pos explicitly")
+                raise InputError("the cache holds padded or non-contiguous positions: pass pos explicitly")
             pos = start
         if isinstance(pos, int):
             if pos < 0:
-                raise ValueError(f"pos must be >= 0, got {pos}")
+                raise InputError(f"pos must be >= 0, got {pos}")
             return torch.arange(pos, pos + T, device=dev).expand(B, T), True
         pos = torch.as_tensor(pos, device=dev, dtype=torch.long)
         if pos.dim() == 1:
             pos = pos.expand(B, T)
         if pos.shape != (B, T):
-            raise ValueError(f"pos shape {tuple(pos.shape)} does not match input_ids {(B, T)}")
+            raise InputError(f"pos shape {tuple(pos.shape)} does not match input_ids {(B, T)}")
         return pos, False
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, pos: Any = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+            raise InputError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         q_pos, contiguous = self._positions(input_ids, cache, pos, attention_mask)
         if T == 0:
-            raise ValueError("input_ids is empty (T == 0)")
+            raise InputError("input_ids is empty (T == 0)")
         top = int(q_pos.max()) if not contiguous else int(q_pos[0, -1])
         if top >= self.config.max_seq_len:
-            raise ValueError(
+            raise ContextLengthError(
                 f"position {top} is beyond the model's context (max_seq_len {self.config.max_seq_len})"
             )
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise InputError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.config.vocab_size})")
         x = self.embed(input_ids)
         safe_pos = q_pos.clamp(min=0)
         tables = {key: mod.tables(safe_pos, x.dtype) for key, mod in self.positions.items()}

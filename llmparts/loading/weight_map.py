@@ -120,6 +120,7 @@ def plan_assignment(
     no_param: list[str] = []
     bad_shape: list[str] = []
     filled: dict[str, str] = {}
+    mismatched: set[str] = set()
     for key, shape in checkpoint.items():
         for rule in rules:
             if isinstance(rule, Ignore):
@@ -133,6 +134,7 @@ def plan_assignment(
             if dst not in params:
                 no_param.append(f"{key} -> {dst}")
             elif tuple(shape) != tuple(params[dst]):
+                mismatched.add(dst)
                 bad_shape.append(f"{key}: checkpoint {tuple(shape)} vs parameter {dst} {tuple(params[dst])}")
             elif dst in filled:
                 bad_shape.append(f"{key} and {filled[dst]} both map to {dst}")
@@ -142,7 +144,7 @@ def plan_assignment(
             break
         else:
             unexpected.append(key)
-    missing = [p for p in params if p not in filled and p not in optional]
+    missing = [p for p in params if p not in filled and p not in optional and p not in mismatched]
     problems: list[str] = []
     if unexpected:
         problems.append("unexpected tensors (no rule maps them):\n    " + "\n    ".join(group_names(unexpected)))
@@ -163,14 +165,17 @@ def plan_assignment(
 
 
 def _group_pairs(lines: list[str]) -> list[str]:
-    """Group messages that differ only by layer index."""
-    groups: dict[str, list[int]] = defaultdict(list)
+    """Group messages that differ only by layer index; a message alone in its group stays as is."""
+    groups: dict[str, list[tuple[str, int | None]]] = defaultdict(list)
     for line in lines:
         idx = re.findall(r"\.(\d+)\.", line)
-        t = re.sub(r"\.(\d+)\.", ".{i}.", line)
-        groups[t].extend(int(i) for i in idx[:1])
+        groups[re.sub(r"\.(\d+)\.", ".{i}.", line)].append((line, int(idx[0]) if idx else None))
     out = []
-    for t, idx in groups.items():
-        idx = sorted(set(idx))
-        out.append(t + (f"  (i in {idx[0]}..{idx[-1]})" if len(idx) > 1 else (f"  (i = {idx[0]})" if idx else "")))
+    for t, members in groups.items():
+        if len(members) == 1:
+            out.append(members[0][0])
+            continue
+        idx = sorted({i for _, i in members if i is not None})
+        span = f"{idx[0]}..{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) else ",".join(map(str, idx))
+        out.append(f"{t}  (i in {span})")
     return out

@@ -1,0 +1,162 @@
+"""Strict HF loading: every bad checkpoint or config.json gets a clear LLMPartsError before a model exists."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import llmparts
+from llmparts import CheckpointError, ConfigError, ModelNotFoundError, UnsupportedModelError
+
+
+@pytest.fixture
+def qwen_dir(tmp_path):
+    cfg = transformers.Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   tie_word_embeddings=False)
+    transformers.Qwen3ForCausalLM(cfg).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def edit_weights(d, fn):
+    sd = load_file(d / "model.safetensors")
+    fn(sd)
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def edit_config(d, **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    for k, v in changes.items():
+        if v is ...:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_missing_tensors_grouped_by_template(qwen_dir):
+    edit_weights(qwen_dir, lambda sd: [sd.pop(f"model.layers.{i}.self_attn.q_norm.weight") for i in range(3)])
+    with pytest.raises(CheckpointError) as e:
+        llmparts.load_pretrained(qwen_dir)
+    assert "layers.{i}.attn.q_norm.weight for i in 0..2" in str(e.value)
+
+
+def test_unexpected_tensor(qwen_dir):
+    edit_weights(qwen_dir, lambda sd: sd.__setitem__("model.extra.weight", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors.*\n.*model.extra.weight"):
+        llmparts.load_pretrained(qwen_dir)
+
+
+def test_tensor_for_absent_parameter(qwen_dir):  # a bias the config does not declare
+    edit_weights(qwen_dir, lambda sd: sd.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.zeros(64)))
+    with pytest.raises(CheckpointError, match="q_proj.bias -> layers.0.attn.q_proj.bias"):
+        llmparts.load_pretrained(qwen_dir)
+
+
+def test_wrong_shape(qwen_dir):
+    edit_weights(qwen_dir, lambda sd: sd.__setitem__("model.layers.1.mlp.up_proj.weight", torch.zeros(49, 32)))
+    with pytest.raises(CheckpointError, match=r"checkpoint \(49, 32\) vs parameter layers.1.mlp.up_proj.weight \(48, 32\)"):
+        llmparts.load_pretrained(qwen_dir)
+
+
+def test_untied_config_without_head(qwen_dir):
+    edit_weights(qwen_dir, lambda sd: sd.pop("lm_head.weight"))
+    with pytest.raises(CheckpointError, match="tie_word_embeddings=false"):
+        llmparts.load_pretrained(qwen_dir)
+
+
+def test_tied_config_with_distinct_head(qwen_dir):
+    edit_config(qwen_dir, tie_word_embeddings=True)
+    with pytest.raises(CheckpointError, match="differs from the tensor it is tied to"):
+        llmparts.load_pretrained(qwen_dir)
+
+
+def test_tied_config_with_identical_head_loads(qwen_dir):
+    edit_config(qwen_dir, tie_word_embeddings=True)
+    edit_weights(qwen_dir, lambda sd: sd.__setitem__("lm_head.weight", sd["model.embed_tokens.weight"].clone()))
+    m = llmparts.load_pretrained(qwen_dir)
+    assert m.head.weight is m.embed.weight
+
+
+def test_ignored_rotary_buffer(qwen_dir):
+    edit_weights(qwen_dir, lambda sd: sd.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq", torch.ones(8)))
+    llmparts.load_pretrained(qwen_dir)
+
+
+def test_unsupported_family_lists_supported(qwen_dir):
+    edit_config(qwen_dir, model_type="bert")
+    with pytest.raises(UnsupportedModelError, match="model_type 'bert' is not supported.*supported: llama, qwen3"):
+        llmparts.load_pretrained(qwen_dir)
+
+
+def test_unknown_config_field(qwen_dir):
+    edit_config(qwen_dir, attn_logit_softcapping=30.0)
+    with pytest.raises(UnsupportedModelError, match="attn_logit_softcapping"):
+        llmparts.load_pretrained(qwen_dir)
+    with pytest.warns(UserWarning, match="attn_logit_softcapping"):
+        llmparts.load_pretrained(qwen_dir, strict_config=False)
+
+
+@pytest.mark.parametrize(
+    "rope,fragment",
+    [
+        ({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}, "rope_type 'dynamic' is not supported"),
+        ({"rope_type": "llama3", "factor": 2.0, "rope_theta": 1e4}, "requires 'low_freq_factor'"),
+        ({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4, "bogus": 1}, "key 'bogus' is not valid"),
+    ],
+)
+def test_bad_rope_parameters(qwen_dir, rope, fragment):
+    edit_config(qwen_dir, rope_parameters=rope)
+    with pytest.raises(ConfigError, match=fragment):
+        llmparts.load_pretrained(qwen_dir)
+
+
+def test_contradictory_and_inconsistent_config(qwen_dir):
+    edit_config(qwen_dir, layer_types=["full_attention", "sliding_attention", "full_attention"])
+    with pytest.raises(ConfigError, match="use_sliding_window is false"):
+        llmparts.load_pretrained(qwen_dir)
+    edit_config(qwen_dir, layer_types=["full_attention"] * 2)
+    with pytest.raises(ConfigError, match="one entry per layer"):
+        llmparts.load_pretrained(qwen_dir)
+    edit_config(qwen_dir, layer_types=...)
+    edit_config(qwen_dir, num_key_value_heads=3)
+    with pytest.raises(ConfigError, match="config.json.*divisible"):
+        llmparts.load_pretrained(qwen_dir)
+
+
+def test_missing_files(tmp_path, qwen_dir):
+    with pytest.raises(ModelNotFoundError):
+        llmparts.load_pretrained(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        llmparts.load_pretrained(empty)
+    (qwen_dir / "model.safetensors").rename(qwen_dir / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickle"):
+        llmparts.load_pretrained(qwen_dir)
+
+
+def test_truncated_safetensors(qwen_dir):
+    f = qwen_dir / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        llmparts.load_pretrained(qwen_dir)
+
+
+def test_missing_shard(qwen_dir, tmp_path):
+    m = transformers.AutoModelForCausalLM.from_pretrained(qwen_dir)
+    out = tmp_path / "sharded"
+    m.save_pretrained(out, max_shard_size="20KB")
+    shard = sorted(out.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"missing: {shard.name}"):
+        llmparts.load_pretrained(out)
+
+
+def test_errors_are_llmparts_errors():
+    for cls in (CheckpointError, ConfigError, ModelNotFoundError, UnsupportedModelError):
+        assert issubclass(cls, llmparts.LLMPartsError)
