@@ -2,7 +2,8 @@
 
 Steps, each failing before any weights are read if something is wrong:
 
-1. ``config.json`` -> the family adapter for its ``model_type`` -> a validated :class:`ModelConfig`;
+0. the source (Hub repo id, directory or ``.gguf`` file) is resolved to a local path;
+1. ``config.json`` (or GGUF metadata) -> the family adapter for its ``model_type`` -> a validated :class:`ModelConfig`;
 2. the safetensors headers (single file or sharded) -> the family's weight map -> an assignment
    checked against the model's parameters (built on the meta device): every tensor consumed or
    ignored with a reason, every parameter filled, every shape equal;
@@ -21,7 +22,8 @@ import torch
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, ModelNotFoundError
 from ..model import CausalLM
-from .checkpoint import SafetensorsCheckpoint
+from .checkpoint import PickleCheckpoint, SafetensorsCheckpoint
+from .hub import resolve_source
 from .families import Family, HFConfig, family_for
 from .weight_map import plan_assignment
 
@@ -53,32 +55,72 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def load_pretrained(source: str | Path, dtype: torch.dtype | str | None = None,
-                    device: torch.device | str | None = None, strict_config: bool = True) -> CausalLM:
-    """Load a Hugging Face checkpoint directory (``config.json`` + safetensors).
+                    device: torch.device | str | None = None, strict_config: bool = True,
+                    allow_pickle: bool = False, revision: str | None = None) -> CausalLM:
+    """Load pretrained weights from a Hub repo id, a local HF directory or a ``.gguf`` file.
 
     Args:
-        source: a local directory.
-        dtype: parameter dtype; default: the dtype the checkpoint stores its weights in.
+        source: ``"Qwen/Qwen3-0.6B"`` (downloaded or taken from the HF cache; ``HF_TOKEN``,
+            ``HF_HUB_OFFLINE``, ``HF_HOME`` honoured), a directory with config.json + safetensors,
+            or a GGUF file.
+        dtype: parameter dtype; default: the dtype the checkpoint stores its weights in (float32
+            for GGUF, whose quantized weights are dequantized).
         device: where parameters live (``"cpu"``, ``"cuda"``, ...); default CPU.
         strict_config: fail on config.json fields llmparts does not know (default), or only warn.
+        allow_pickle: read ``pytorch_model.bin`` checkpoints (with ``weights_only=True``) when no
+            safetensors exist. Off by default: pickles can execute code.
+        revision: Hub revision (branch, tag or commit) for repo ids.
     """
-    directory = Path(source)
-    if not directory.exists():
-        raise ModelNotFoundError(f"{source}: no such directory")
-    if not directory.is_dir():
-        raise ModelNotFoundError(f"{source}: not a directory (expected a Hugging Face model directory)")
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
-        dtype = _DTYPES[dtype]
-    cfg, raw, family = read_hf_config(directory, strict_config)
-    ckpt = SafetensorsCheckpoint(directory)
+    path = resolve_source(source, revision)
+    dtype = _dtype(dtype)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFoundError(f"{source}: a file must be a .gguf model; otherwise pass a model directory")
+        return load_gguf(path, dtype, device)
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return load_gguf(ggufs[0], dtype, device)
+    cfg, raw, family = read_hf_config(path, strict_config)
+    try:
+        ckpt: Any = SafetensorsCheckpoint(path)
+    except CheckpointError:
+        if not allow_pickle or not any(path.glob("*.bin")):
+            raise
+        ckpt = PickleCheckpoint(path)
     dtype = dtype or ckpt.dominant_dtype() or torch.float32
-    rules = family.weight_rules(raw)
     with torch.device("meta"):
         model = CausalLM(cfg)
     model.to(dtype)
-    return fill_model(model, ckpt.shapes, ckpt.tensors, rules, device, source=str(directory))
+    return fill_model(model, ckpt.shapes, ckpt.tensors, family.weight_rules(raw), device, source=str(path))
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> CausalLM:
+    """Load a GGUF file: metadata -> HF-style config -> family adapter; tensors dequantized per tensor."""
+    from .gguf import GGUFFile
+
+    f = GGUFFile(path)
+    hf = HFConfig(dict(f.config), f"{path} (GGUF metadata)")
+    family = family_for(hf.get("model_type"), hf.source)
+    raw = family.config_from_hf(hf)
+    hf.finish(strict=True)
+    raw.setdefault("name", Path(path).stem)
+    try:
+        cfg = ModelConfig.from_dict(raw)
+    except ConfigError as e:
+        raise type(e)(f"{hf.source}: {e}") from None
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    model.to(dtype or torch.float32)
+    return fill_model(model, f.shapes, f.tensors, family.weight_rules(raw), device, source=str(path))
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        return _DTYPES[dtype]
+    return dtype
 
 
 def fill_model(model: CausalLM, shapes: dict[str, tuple[int, ...]], read: Any, rules: list[Any],

@@ -46,8 +46,8 @@ class SafetensorsCheckpoint:
             else:
                 pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
                 hint = (
-                    f" It has pickle checkpoint(s) {pickles}: these can run code when loaded and are not read; "
-                    "convert them to safetensors."
+                    f" It has pickle checkpoint(s) {pickles}: pickles can run code when loaded, so they are read "
+                    "only with allow_pickle=True (and then with torch.load(weights_only=True))."
                     if pickles
                     else ""
                 )
@@ -100,3 +100,42 @@ class SafetensorsCheckpoint:
     def get(self, key: str) -> torch.Tensor:
         with safe_open(str(self._file_of[key]), framework="pt") as h:
             return h.get_tensor(key)
+
+
+class PickleCheckpoint:
+    """``pytorch_model.bin`` checkpoints (single or sharded), read only on request, with
+    ``torch.load(weights_only=True, mmap=True)``: no arbitrary code runs and tensors stay on disk."""
+
+    def __init__(self, directory: Path) -> None:
+        index = directory / "pytorch_model.bin.index.json"
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid index ({e})") from None
+        else:
+            names = sorted(p.name for p in directory.glob("*.bin"))
+        missing = [n for n in names if not (directory / n).is_file()]
+        if not names or missing:
+            raise CheckpointError(f"{directory}: pickle checkpoint file(s) missing: {missing or 'pytorch_model.bin'}")
+        self.shards: dict[str, dict[str, torch.Tensor]] = {}
+        for n in names:
+            try:
+                sd = torch.load(directory / n, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise CheckpointError(f"{directory / n}: cannot be read safely ({type(e).__name__}: {e})") from None
+            if not isinstance(sd, dict):
+                raise CheckpointError(f"{directory / n}: expected a state dict, got {type(sd).__name__}")
+            self.shards[n] = sd
+        self.shapes = {k: tuple(v.shape) for sd in self.shards.values() for k, v in sd.items()}
+        self.dtypes = {k: v.dtype for sd in self.shards.values() for k, v in sd.items()}
+
+    def dominant_dtype(self) -> torch.dtype | None:
+        floats = [d for d in self.dtypes.values() if d.is_floating_point]
+        return max(set(floats), key=floats.count) if floats else None
+
+    def tensors(self, keys: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for sd in self.shards.values():
+            for k, v in sd.items():
+                if keys is None or k in keys:
+                    yield k, v

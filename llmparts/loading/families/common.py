@@ -94,9 +94,8 @@ def rope_from_hf(hf: HFConfig, default_theta: float, params: dict[str, Any] | No
     return {"type": "rope", "theta": float(theta), "scaling": scaling}
 
 
-def windows_from_layer_types(hf: HFConfig, n_layers: int, window: int | None, default_types: list[str],
-                             no_window_reason: str = "sliding_window is not set") -> list[dict[str, Any]]:
-    """Per-layer overrides setting ``attention.window`` for ``sliding_attention`` layers."""
+def layer_types_from_hf(hf: HFConfig, n_layers: int, default_types: list[str]) -> list[str]:
+    """The validated ``layer_types`` list (one of full_attention / sliding_attention per layer)."""
     types = hf.get("layer_types", default_types)
     if not isinstance(types, list) or len(types) != n_layers:
         raise ConfigError(
@@ -107,6 +106,12 @@ def windows_from_layer_types(hf: HFConfig, n_layers: int, window: int | None, de
     for i, t in enumerate(types):
         if t not in allowed:
             raise UnsupportedModelError(f"{hf.source}: layer_types[{i}] = {t!r} is not one of {allowed}")
+    return types
+
+
+def sliding_overrides(hf: HFConfig, types: list[str], window: int | None, extra: dict[str, Any] | None = None,
+                      no_window_reason: str = "sliding_window is not set") -> list[dict[str, Any]]:
+    """One per-layer override giving ``sliding_attention`` layers their window (and ``extra`` specs)."""
     sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
     if not sliding:
         return []
@@ -115,7 +120,9 @@ def windows_from_layer_types(hf: HFConfig, n_layers: int, window: int | None, de
             f"{hf.source}: layer_types marks layers {sliding} as sliding_attention but {no_window_reason} "
             "(contradictory fields)"
         )
-    return [{"layers": sliding, "attention": {"window": int(window)}}]
+    if window < 1:
+        raise ConfigError(f"{hf.source}: sliding_window must be >= 1, got {window}")
+    return [{"layers": sliding, "attention": {"window": int(window)}, **(extra or {})}]
 
 
 def llama_rules(tied: bool, qk_norm: bool = False) -> list[Rule]:

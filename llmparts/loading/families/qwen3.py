@@ -11,7 +11,7 @@ from typing import Any
 
 from ...config import ModelConfig
 from . import Family, HFConfig, register_family
-from .common import llama_rules, windows_from_layer_types
+from .common import layer_types_from_hf, llama_rules, sliding_overrides
 from .llama import llama_core, llama_to_hf
 
 
@@ -26,7 +26,8 @@ def qwen3_from_hf(hf: HFConfig) -> dict[str, Any]:
     window = sliding_window if hf.get("use_sliding_window", False) else None
     max_window_layers = hf.get("max_window_layers", 28)
     default = ["sliding_attention" if window and i >= max_window_layers else "full_attention" for i in range(n)]
-    cfg["overrides"] = windows_from_layer_types(hf, n, window, default, "use_sliding_window is false")
+    types = layer_types_from_hf(hf, n, default)
+    cfg["overrides"] = sliding_overrides(hf, types, window, no_window_reason="use_sliding_window is false")
     return cfg
 
 

@@ -1,0 +1,262 @@
+"""GGUF files (llama.cpp): metadata -> an HF-style config, tensors -> HF-named float tensors.
+
+Everything specific to the format is converted once, here at the reader's edge, so the rest of
+loading is the same strict path as for safetensors (family adapter, weight map, assignment check):
+
+* tensor names: ``blk.N.attn_q.weight`` -> ``model.layers.N.self_attn.q_proj.weight`` etc.;
+* quantized blocks are dequantized with the ``gguf`` package (types in :data:`SUPPORTED_TYPES`);
+* llama-architecture files store Q and K rows permuted for llama.cpp's interleaved RoPE: undone per
+  head (``(n_head, head_dim / 2, 2, in)`` with the two middle axes swapped back);
+* gemma3 files store every RMSNorm weight as ``w + 1`` (llama.cpp folds Gemma's ``1 + w``): 1 is
+  subtracted so the weights mean what HF checkpoints mean.
+
+Facts a GGUF file does not carry come from the family defaults stated in :data:`ARCHS` (for
+gemma3: local RoPE base 10k, 5:1 local/global pattern, query_pre_attn_scalar 256 — transformers'
+Gemma3TextConfig defaults, which is also what transformers assumes when it reads these files).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, UnsupportedModelError
+
+_TYPE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K")
+
+
+def _supported_types() -> set[Any]:
+    from gguf import GGMLQuantizationType as Q
+
+    return {getattr(Q, n) for n in _TYPE_NAMES}
+
+
+# GGUF tensor name (per block) -> HF name. Norm names depend on the architecture's block layout.
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How one GGUF ``general.architecture`` maps onto an HF model_type."""
+
+    model_type: str
+    block_names: dict[str, str]
+    config: Callable[["GGUFFile"], dict[str, Any]]
+    convert: Callable[["GGUFFile", str, np.ndarray], np.ndarray] = lambda f, name, a: a
+    known_keys: tuple[str, ...] = field(default=())
+
+
+def _llama_unpermute(f: "GGUFFile", name: str, a: np.ndarray) -> np.ndarray:
+    # llama.cpp's convert script permutes q/k rows so its interleaved RoPE matches HF's half layout
+    if ".attn_q." in name or ".attn_k." in name:
+        n_head = f.meta(f"{f.arch}.attention.head_count")
+        if ".attn_k." in name:
+            n_head = f.meta(f"{f.arch}.attention.head_count_kv", n_head)
+        rows = a.shape[0]
+        return a.reshape(n_head, rows // n_head // 2, 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+    return a
+
+
+def _gemma3_norms(f: "GGUFFile", name: str, a: np.ndarray) -> np.ndarray:
+    return a - 1.0 if name.endswith("norm.weight") else a  # stored as (w + 1)
+
+
+def _rope_scaling(f: "GGUFFile") -> dict[str, Any] | None:
+    kind = f.meta(f"{f.arch}.rope.scaling.type", None)
+    if kind in (None, "none"):
+        return None
+    factor = f.meta(f"{f.arch}.rope.scaling.factor")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        out = {"rope_type": "yarn", "factor": float(factor)}
+        orig = f.meta(f"{f.arch}.rope.scaling.original_context_length", None)
+        if orig is not None:
+            out["original_max_position_embeddings"] = int(orig)
+        return out
+    raise UnsupportedModelError(f"{f.path}: {f.arch}.rope.scaling.type {kind!r} is not supported (linear, yarn)")
+
+
+_COMMON_KEYS = (
+    "context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+    "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.dimension_count",
+    "vocab_size", "attention.key_length", "attention.value_length", "rope.scaling.type",
+    "rope.scaling.factor", "rope.scaling.original_context_length",
+)
+
+
+def _common_config(f: "GGUFFile") -> dict[str, Any]:
+    a = f.arch
+    n_heads = int(f.meta(f"{a}.attention.head_count"))
+    d_model = int(f.meta(f"{a}.embedding_length"))
+    head_dim = f.meta(f"{a}.attention.key_length", None) or f.meta(f"{a}.rope.dimension_count", None) or d_model // n_heads
+    value_dim = f.meta(f"{a}.attention.value_length", head_dim)
+    if value_dim != head_dim:
+        raise UnsupportedModelError(f"{f.path}: key_length {head_dim} != value_length {value_dim} is not supported")
+    rope_dim = f.meta(f"{a}.rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
+        raise UnsupportedModelError(f"{f.path}: partial rotary ({a}.rope.dimension_count={rope_dim} < head_dim {head_dim})")
+    vocab = f.shapes["model.embed_tokens.weight"][0]
+    cfg = {
+        "vocab_size": int(vocab),
+        "hidden_size": d_model,
+        "intermediate_size": int(f.meta(f"{a}.feed_forward_length")),
+        "num_hidden_layers": int(f.meta(f"{a}.block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(f.meta(f"{a}.attention.head_count_kv", n_heads)),
+        "head_dim": int(head_dim),
+        "max_position_embeddings": int(f.meta(f"{a}.context_length")),
+        "rms_norm_eps": float(f.meta(f"{a}.attention.layer_norm_rms_epsilon")),
+        "tie_word_embeddings": "lm_head.weight" not in f.shapes,
+    }
+    for key, meta in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+                      ("pad_token_id", "tokenizer.ggml.padding_token_id")):
+        if f.meta(meta, None) is not None:
+            cfg[key] = int(f.meta(meta))
+    return cfg
+
+
+def _llama_config(f: "GGUFFile") -> dict[str, Any]:
+    if "rope_freqs.weight" in f.raw_names:
+        raise UnsupportedModelError(
+            f"{f.path}: this file stores RoPE frequency factors (rope_freqs, Llama 3.1-style scaling) whose "
+            "scaling parameters GGUF does not record; load the original safetensors checkpoint instead"
+        )
+    cfg = _common_config(f)
+    rope = {"rope_type": "default", "rope_theta": float(f.meta("llama.rope.freq_base", 10000.0))}
+    rope.update(_rope_scaling(f) or {})
+    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu", rope_parameters=rope)
+    return cfg
+
+
+def _gemma3_config(f: "GGUFFile") -> dict[str, Any]:
+    cfg = _common_config(f)
+    full = {"rope_type": "default", "rope_theta": float(f.meta("gemma3.rope.freq_base", 1_000_000.0))}
+    full.update(_rope_scaling(f) or {})
+    cfg.update(
+        model_type="gemma3_text",
+        architectures=["Gemma3ForCausalLM"],
+        hidden_activation="gelu_pytorch_tanh",
+        sliding_window=int(f.meta("gemma3.attention.sliding_window", 4096)),
+        # Not stored in GGUF: transformers' Gemma3TextConfig defaults (local base 10k, pattern 6, scalar 256)
+        query_pre_attn_scalar=256,
+        sliding_window_pattern=6,
+        rope_parameters={"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+    )
+    return cfg
+
+
+ARCHS: dict[str, GGUFArch] = {
+    "llama": GGUFArch("llama", {**_BLOCK_NAMES, "ffn_norm": "post_attention_layernorm"}, _llama_config,
+                      _llama_unpermute, _COMMON_KEYS),
+    "gemma3": GGUFArch(
+        "gemma3_text",
+        {**_BLOCK_NAMES, "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+         "post_ffw_norm": "post_feedforward_layernorm"},
+        _gemma3_config, _gemma3_norms, (*_COMMON_KEYS, "attention.sliding_window"),
+    ),
+}
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+class GGUFFile:
+    """A GGUF file opened for reading (memory-mapped); tensors come out dequantized, HF-named."""
+
+    def __init__(self, path: str | Path) -> None:
+        from gguf import GGUFReader
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such GGUF file")
+        try:
+            self.reader = GGUFReader(str(self.path))
+        except Exception as e:  # bad magic, truncated file, ...
+            raise CheckpointError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        arch = self.meta("general.architecture", None)
+        if arch not in ARCHS:
+            raise UnsupportedModelError(
+                f"{self.path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHS))}"
+            )
+        self.arch, self.spec = arch, ARCHS[arch]
+        unknown = [k for k in self.reader.fields if k.startswith(f"{arch}.") and k[len(arch) + 1 :] not in self.spec.known_keys]
+        if unknown:
+            raise UnsupportedModelError(
+                f"{self.path}: GGUF metadata {', '.join(unknown)} is not understood by llmparts for architecture "
+                f"{arch!r}; refusing to guess what it changes"
+            )
+        supported = _supported_types()
+        self._tensors: dict[str, Any] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.raw_names = {t.name for t in self.reader.tensors}
+        bad = sorted({t.tensor_type.name for t in self.reader.tensors if t.tensor_type not in supported})
+        if bad:
+            raise UnsupportedModelError(
+                f"{self.path}: quantization type(s) {', '.join(bad)} are not supported; supported: {', '.join(_TYPE_NAMES)}"
+            )
+        for t in self.reader.tensors:
+            name = self.hf_name(t.name)
+            self._tensors[name] = t
+            self.shapes[name] = tuple(int(d) for d in reversed(t.shape.tolist()))
+        self.config = self.spec.config(self)
+
+    def meta(self, key: str, default: Any = ...) -> Any:
+        f = self.reader.fields.get(key)
+        if f is None:
+            if default is ...:
+                raise CheckpointError(f"{self.path}: required GGUF metadata {key!r} is missing")
+            return default
+        return f.contents()
+
+    def hf_name(self, name: str) -> str:
+        """GGUF tensor name -> HF name (unknown names are kept, so the strict check reports them)."""
+        m = _BLOCK.match(name)
+        if m:
+            i, part, kind = m.groups()
+            if part in self.spec.block_names:
+                return f"model.layers.{i}.{self.spec.block_names[part]}.{kind}"
+            return name
+        base, _, kind = name.rpartition(".")
+        return f"{_TOP_NAMES[base]}.{kind}" if base in _TOP_NAMES else name
+
+    def tensor(self, hf_name: str) -> torch.Tensor:
+        """One tensor, dequantized to float32 and converted to HF conventions."""
+        from gguf import GGMLQuantizationType as Q
+        from gguf import dequantize
+
+        t = self._tensors[hf_name]
+        data = t.data
+        if t.tensor_type in (Q.F32, Q.F16):
+            a = np.asarray(data, dtype=np.float32)
+        else:
+            a = dequantize(data, t.tensor_type)
+        a = a.reshape(self.shapes[hf_name])
+        a = self.spec.convert(self, t.name, a)
+        return torch.from_numpy(np.array(a, dtype=np.float32))  # a private copy: the file is mapped read-only
+
+    def tensors(self, keys: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._tensors:
+            if keys is None or name in keys:
+                yield name, self.tensor(name)
+
+    def hf_config_json(self) -> str:
+        return json.dumps(self.config, indent=2)
