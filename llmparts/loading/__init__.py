@@ -92,7 +92,31 @@ def load_pretrained(source: str | Path, dtype: torch.dtype | str | None = None,
     with torch.device("meta"):
         model = CausalLM(cfg)
     model.to(dtype)
-    return fill_model(model, ckpt.shapes, ckpt.tensors, family.weight_rules(raw), device, source=str(path))
+    model = fill_model(model, ckpt, family.weight_rules(raw), device, source=str(path))
+    model.hf_model_type = family.model_types[0]
+    return model
+
+
+def config_of(source: str | Path) -> ModelConfig:
+    """The ModelConfig of a Hub repo id, HF directory or GGUF file, without reading any weights."""
+    path = resolve_source(source)
+    if path.is_file():
+        from .gguf import GGUFFile
+
+        return _gguf_config(GGUFFile(path))[0]
+    return read_hf_config(path)[0]
+
+
+def _gguf_config(f: Any) -> tuple[ModelConfig, dict[str, Any], Family]:
+    hf = HFConfig(dict(f.config), f"{f.path} (GGUF metadata)")
+    family = family_for(hf.get("model_type"), hf.source)
+    raw = family.config_from_hf(hf)
+    hf.finish(strict=True)
+    raw.setdefault("name", Path(f.path).stem)
+    try:
+        return ModelConfig.from_dict(raw), raw, family
+    except ConfigError as e:
+        raise type(e)(f"{hf.source}: {e}") from None
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> CausalLM:
@@ -100,19 +124,13 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: torch.
     from .gguf import GGUFFile
 
     f = GGUFFile(path)
-    hf = HFConfig(dict(f.config), f"{path} (GGUF metadata)")
-    family = family_for(hf.get("model_type"), hf.source)
-    raw = family.config_from_hf(hf)
-    hf.finish(strict=True)
-    raw.setdefault("name", Path(path).stem)
-    try:
-        cfg = ModelConfig.from_dict(raw)
-    except ConfigError as e:
-        raise type(e)(f"{hf.source}: {e}") from None
+    cfg, raw, family = _gguf_config(f)
     with torch.device("meta"):
         model = CausalLM(cfg)
     model.to(dtype or torch.float32)
-    return fill_model(model, f.shapes, f.tensors, family.weight_rules(raw), device, source=str(path))
+    model = fill_model(model, f, family.weight_rules(raw), device, source=str(path))
+    model.hf_model_type = family.model_types[0]
+    return model
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -123,12 +141,14 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return dtype
 
 
-def fill_model(model: CausalLM, shapes: dict[str, tuple[int, ...]], read: Any, rules: list[Any],
-               device: torch.device | str | None, source: str) -> CausalLM:
+def fill_model(model: CausalLM, ckpt: Any, rules: list[Any], device: torch.device | str | None,
+               source: str) -> CausalLM:
     """Check the assignment, then allocate the meta-built ``model`` on ``device`` and stream tensors in.
 
-    ``read(keys)`` yields ``(key, tensor)`` for the requested checkpoint keys.
+    ``ckpt`` has ``shapes`` (key -> shape), ``tensors(keys)`` yielding ``(key, tensor)``, and
+    optionally ``read_into(key, param)``, which reads straight into the parameter's memory.
     """
+    shapes = ckpt.shapes
     params = dict(model.named_parameters())
     aliases = {  # tied parameters: a second name for a parameter already loaded under its first name
         name: next(n for n, q in params.items() if q is p)
@@ -154,13 +174,15 @@ def fill_model(model: CausalLM, shapes: dict[str, tuple[int, ...]], read: Any, r
     params = dict(model.named_parameters())  # to_empty made new parameter objects
     wanted = set(plan.targets)
     with torch.no_grad():
-        for key, tensor in read(wanted):
-            name = plan.targets[key]
-            if name in aliases:
-                continue
-            params[name].copy_(tensor)  # copy_ casts dtype and moves device per tensor
+        own = {k for k in wanted if plan.targets[k] not in aliases}
+        if hasattr(ckpt, "read_into"):
+            for key in ckpt.ordered(own):
+                ckpt.read_into(key, params[plan.targets[key]])
+        else:
+            for key, tensor in ckpt.tensors(own):
+                params[plan.targets[key]].copy_(tensor)  # copy_ casts dtype and moves device per tensor
         if alias_keys:
-            for key, tensor in read(set(alias_keys)):
+            for key, tensor in ckpt.tensors(set(alias_keys)):
                 canon = params[aliases[alias_keys[key]]]
                 if not torch.equal(tensor.to(canon.device, canon.dtype), canon):
                     raise CheckpointError(

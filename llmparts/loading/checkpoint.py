@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..errors import CheckpointError
 
@@ -54,21 +53,13 @@ class SafetensorsCheckpoint:
                 raise CheckpointError(f"{directory}: no {SINGLE} or {INDEX} found.{hint}")
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
-        self._file_of: dict[str, Path] = {}
+        self._where: dict[str, tuple[Path, int, int]] = {}  # key -> (file, byte offset, byte length)
         for f in self.files:
-            try:
-                with safe_open(str(f), framework="pt") as h:
-                    for key in h.keys():
-                        sl = h.get_slice(key)
-                        if key in self._file_of:
-                            raise CheckpointError(f"tensor {key!r} appears in both {self._file_of[key].name} and {f.name}")
-                        self.shapes[key] = tuple(sl.get_shape())
-                        self.dtypes[key] = sl.get_dtype()
-                        self._file_of[key] = f
-            except CheckpointError:
-                raise
-            except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-                raise CheckpointError(f"{f}: cannot read safetensors header ({type(e).__name__}: {e})") from None
+            for key, (dtype, shape, start, length) in read_header(f).items():
+                if key in self._where:
+                    raise CheckpointError(f"tensor {key!r} appears in both {self._where[key][0].name} and {f.name}")
+                self.shapes[key], self.dtypes[key] = shape, dtype
+                self._where[key] = (f, start, length)
         if weight_map is not None:
             absent = sorted(set(weight_map) - set(self.shapes))
             if absent:
@@ -78,28 +69,90 @@ class SafetensorsCheckpoint:
 
     def dominant_dtype(self) -> torch.dtype | None:
         """The dtype most floating-point tensors are stored in."""
-        names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
         counts: dict[torch.dtype, int] = {}
-        for key, d in self.dtypes.items():
-            if d in names:
-                counts[names[d]] = counts.get(names[d], 0) + 1
+        for d in self.dtypes.values():
+            if d in ("F32", "F16", "BF16"):
+                counts[DTYPES[d]] = counts.get(DTYPES[d], 0) + 1
         return max(counts, key=counts.__getitem__) if counts else None
 
     def tensors(self, keys: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        for f in self.files:
-            with safe_open(str(f), framework="pt") as h:
-                for key in h.keys():
-                    if keys is not None and key not in keys:
-                        continue
-                    try:
-                        tensor = h.get_tensor(key)
-                    except Exception as e:
-                        raise CheckpointError(f"{f}: cannot read tensor {key!r} ({type(e).__name__}: {e})") from None
-                    yield key, tensor
+        """``(key, tensor)`` in file order, each read into a fresh CPU tensor."""
+        for key in self.ordered(keys):
+            out = torch.empty(self.shapes[key], dtype=DTYPES[self.dtypes[key]])
+            self.read_into(key, out)
+            yield key, out
 
-    def get(self, key: str) -> torch.Tensor:
-        with safe_open(str(self._file_of[key]), framework="pt") as h:
-            return h.get_tensor(key)
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Read tensor ``key`` into ``out``: straight into its memory when dtype and device allow
+        (no second copy), otherwise through a temporary CPU tensor and ``copy_`` (which casts)."""
+        f, start, length = self._where[key]
+        src_dtype = DTYPES[self.dtypes[key]]
+        direct = out.device.type == "cpu" and out.dtype == src_dtype and out.is_contiguous()
+        buf = out if direct else torch.empty(self.shapes[key], dtype=src_dtype)
+        with open(f, "rb") as fh:
+            fh.seek(start)
+            view = memoryview(buf.view(torch.uint8).numpy()).cast("B") if buf.numel() else memoryview(b"")
+            got = fh.readinto(view) if length else 0
+        if got != length:
+            raise CheckpointError(f"{f}: tensor {key!r} is truncated ({got} of {length} bytes)")
+        if not direct:
+            out.copy_(buf.view(out.shape) if buf.shape != out.shape else buf)
+
+    def ordered(self, keys: set[str] | None) -> list[str]:
+        """Keys in on-disk order (sequential reads)."""
+        chosen = [k for k in self._where if keys is None or k in keys]
+        return sorted(chosen, key=lambda k: (str(self._where[k][0]), self._where[k][1]))
+
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Parse a safetensors header without mapping the file: key -> (dtype, shape, offset, nbytes).
+
+    Every offset is checked against the file size, so a truncated file fails here, before loading.
+    """
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            n = int.from_bytes(raw, "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit the file size {size}")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    base = 8 + n
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: malformed header entry for {key!r}") from None
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+        if end - begin != numel * itemsize or begin < 0:
+            raise CheckpointError(f"{path}: tensor {key!r} has inconsistent offsets for shape {shape} {dtype}")
+        if base + end > size:
+            raise CheckpointError(
+                f"{path}: file is truncated: tensor {key!r} ends at byte {base + end} but the file has {size} bytes"
+            )
+        out[key] = (dtype, shape, base + begin, end - begin)
+    return out
 
 
 class PickleCheckpoint:

@@ -1,0 +1,203 @@
+"""The ``llmparts`` command line: generate, chat, inspect, convert, download, bench.
+
+``--model`` takes a Hub repo id, a local HF directory or a ``.gguf`` file, and defaults to the
+embedded SmolLM2-135M-Instruct GGUF (see :mod:`llmparts.defaults`), which works offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import LLMPartsError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="Hub repo id, local HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="parameter dtype (default: the checkpoint's; float32 for GGUF)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--system", default=None, help="system prompt (chat templates only)")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from .defaults import default_model_path
+    from .loading import load_pretrained
+    from .tokenizer import Tokenizer
+
+    source = args.model or str(default_model_path())
+    model = load_pretrained(source, dtype=args.dtype, device=args.device)
+    tok = Tokenizer.from_pretrained(source)
+    return model, tok
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generation import generate
+
+    prompt = " ".join(args.prompt)
+    if not prompt.strip():
+        raise LLMPartsError("generate: the prompt is empty")
+    model, tok = _load(args)
+    kwargs = _sampling(args)
+    use_chat = tok.chat_template is not None and not args.raw
+    if use_chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        stream = generate(model, tok, messages=messages, stream=True, **kwargs)
+    else:
+        stream = generate(model, tok, prompt, stream=True, **kwargs)
+    for piece in stream:
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .generation import generate
+
+    model, tok = _load(args)
+    if tok.chat_template is None:
+        raise LLMPartsError("chat: this model's tokenizer has no chat template; use `llmparts generate` instead")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    print("Chat with the model. /reset clears the history, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history.clear()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        for piece in generate(model, tok, messages=system + history, stream=True, **_sampling(args)):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .config import load_config, shipped_configs
+    from .describe import describe
+    from .model import build_model
+
+    source = args.source
+    if source in shipped_configs() or source.endswith((".yaml", ".yml")):
+        cfg = load_config(source, args.override)
+    else:
+        from .loading import config_of
+
+        cfg = config_of(source)
+        if args.override:
+            cfg = cfg.with_overrides(args.override)
+    print(describe(cfg))
+    meta = build_model(cfg, device="meta")
+    per_token = sum(2 * n * k for n, k, _ in (b.attn.cache_dims() for b in meta.layers))
+    print(f"  KV cache: {per_token * 2:,} bytes per token in bfloat16 ({per_token * 4:,} in float32); "
+          "window layers hold at most `window` tokens")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .loading.export import convert_gguf
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype or "float32"]
+    t = time.time()
+    out = convert_gguf(args.gguf, args.out, dtype)
+    print(f"wrote {out} in {time.time() - t:.1f}s (transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .loading.hub import download
+
+    print(download(args.repo_id, revision=args.revision))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmparts", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("prompt", nargs="+")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with streaming and history")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("inspect", help="resolved layers, parameter count and KV-cache size of a config or model")
+    p.add_argument("source", help="shipped config name, YAML path, HF directory, .gguf file or Hub repo id")
+    p.add_argument("--override", "-o", action="append", default=None, help="e.g. attention.window=512")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="GGUF file -> Hugging Face directory loadable by transformers")
+    p.add_argument("gguf")
+    p.add_argument("out")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("download", help="download a Hub model's config, tokenizer and safetensors")
+    p.add_argument("repo_id")
+    p.add_argument("--revision", default=None)
+    p.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LLMPartsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Writing a model back as a Hugging Face directory (config.json + safetensors) that transformers loads.
+
+Parameter names go back through the family's weight map (its ``Rename`` rules are reversible);
+the config through the family's ``config_to_hf``. ``convert`` turns a GGUF file into such a
+directory, tokenizer files included.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import ConfigError, LLMPartsError
+from ..model import CausalLM
+from .families import family_for
+from .weight_map import Rename
+
+SHARD_BYTES = 2 * 1024**3
+
+
+def hf_state_names(model: CausalLM, model_type: str) -> dict[str, str]:
+    """llmparts parameter name -> HF checkpoint name, for every (deduplicated) parameter."""
+    family = family_for(model_type)
+    rules = [r for r in family.weight_rules(model.config.to_dict()) if isinstance(r, Rename)]
+    out = {}
+    for name, _ in model.named_parameters():
+        for rule in rules:
+            hf = rule.reverse(name)
+            if hf is not None:
+                out[name] = hf
+                break
+        else:
+            raise LLMPartsError(f"no {model_type} weight-map rule produces parameter {name!r}; cannot export it")
+    return out
+
+
+def save_pretrained(model: CausalLM, out_dir: str | Path, model_type: str | None = None,
+                    dtype: torch.dtype | None = None, extra_config: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as an HF checkpoint directory for ``model_type`` (default: the one it was loaded as)."""
+    model_type = model_type or getattr(model, "hf_model_type", None)
+    if model_type is None:
+        raise ConfigError("save_pretrained: pass model_type (e.g. 'llama', 'qwen3', 'gemma3_text')")
+    family = family_for(model_type)
+    if family.config_to_hf is None:
+        raise ConfigError(f"family {model_type!r} cannot write a transformers config")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = hf_state_names(model, model_type)
+    dtype = dtype or model.dtype
+    cfg = family.config_to_hf(model.config)
+    cfg.update(extra_config or {})
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, p in model.named_parameters():
+        t = p.detach().to("cpu", dtype).contiguous()
+        if size and size + t.nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][names[name]] = t
+        size += t.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        total = 0
+        for k, shard in enumerate(shards):
+            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, out / fname, metadata={"format": "pt"})
+            weight_map.update({key: fname for key in shard})
+            total += sum(t.nbytes for t in shard.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """GGUF file -> HF directory: config.json, model.safetensors, generation_config.json, tokenizer files."""
+    from ..tokenizer import Tokenizer
+    from . import load_gguf
+    from .gguf import GGUFFile
+
+    f = GGUFFile(gguf_path)
+    model = load_gguf(gguf_path, dtype or torch.float32)
+    tokens = {k: f.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in f.config}
+    out = save_pretrained(model, out_dir, f.config["model_type"], dtype, extra_config=tokens)
+    tok = Tokenizer.from_gguf(gguf_path)
+    tok.save_pretrained(out)
+    gen = {k: v for k, v in tokens.items()}
+    if tok.eos_token_ids:
+        gen["eos_token_id"] = tok.eos_token_ids if len(tok.eos_token_ids) > 1 else tok.eos_token_ids[0]
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return out
