@@ -160,3 +160,21 @@ def test_missing_shard(qwen_dir, tmp_path):
 def test_errors_are_llmparts_errors():
     for cls in (CheckpointError, ConfigError, ModelNotFoundError, UnsupportedModelError):
         assert issubclass(cls, llmparts.LLMPartsError)
+
+
+def test_pickle_checkpoint_only_on_request(qwen_dir):
+    sd = load_file(qwen_dir / "model.safetensors")
+    (qwen_dir / "model.safetensors").unlink()
+    torch.save(sd, qwen_dir / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="allow_pickle=True"):
+        llmparts.load_pretrained(qwen_dir)
+    m = llmparts.load_pretrained(qwen_dir, allow_pickle=True)
+    assert torch.equal(m.layers[1].mlp.up_proj.weight, sd["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_dtype_cast_per_tensor(qwen_dir):
+    m32 = llmparts.load_pretrained(qwen_dir)
+    m16 = llmparts.load_pretrained(qwen_dir, dtype="bfloat16")
+    assert torch.equal(m16.layers[0].attn.q_proj.weight, m32.layers[0].attn.q_proj.weight.bfloat16())
+    with pytest.raises(ConfigError, match="dtype 'int8'"):
+        llmparts.load_pretrained(qwen_dir, dtype="int8")

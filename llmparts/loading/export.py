@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import ConfigError, LLMPartsError
+from ..config import ModelConfig
 from ..model import CausalLM
-from .families import family_for
+from .families import HFConfig, family_for
 from .weight_map import Rename
 
 SHARD_BYTES = 2 * 1024**3
@@ -38,6 +39,20 @@ def hf_state_names(model: CausalLM, model_type: str) -> dict[str, str]:
     return out
 
 
+def _check_expressible(config: ModelConfig, hf: dict[str, Any], model_type: str) -> None:
+    """Read the written config back; refuse to export a model the format cannot describe exactly."""
+    family = family_for(model_type)
+    back = ModelConfig.from_dict(family.config_from_hf(HFConfig(dict(hf), "exported config")))
+    fields = ("vocab_size", "d_model", "n_layers", "max_seq_len", "tie_embeddings", "logit_softcap", "embedding", "final_norm")
+    diffs = [f for f in fields if getattr(back, f) != getattr(config, f)]
+    diffs += [f"layer {i}" for i, (a, b) in enumerate(zip(back.layers, config.layers)) if a != b]
+    if diffs:
+        raise ConfigError(
+            f"this model cannot be written as model_type {model_type!r} without changing it (differs in: "
+            f"{', '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''}); pick the family that has these features"
+        )
+
+
 def save_pretrained(model: CausalLM, out_dir: str | Path, model_type: str | None = None,
                     dtype: torch.dtype | None = None, extra_config: dict[str, Any] | None = None) -> Path:
     """Write ``model`` as an HF checkpoint directory for ``model_type`` (default: the one it was loaded as)."""
@@ -53,6 +68,7 @@ def save_pretrained(model: CausalLM, out_dir: str | Path, model_type: str | None
     dtype = dtype or model.dtype
     cfg = family.config_to_hf(model.config)
     cfg.update(extra_config or {})
+    _check_expressible(model.config, cfg, model_type)
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     shards: list[dict[str, torch.Tensor]] = [{}]

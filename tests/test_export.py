@@ -1,0 +1,51 @@
+"""Writing models back in Hugging Face format: transformers loads them with identical logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import llmparts
+from llmparts.loading.export import save_pretrained
+from conftest import hf_reference
+
+
+def tiny_gemma3():
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=160, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+        max_position_embeddings=128, sliding_window_pattern=2)
+    return transformers.Gemma3ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma3_text"])
+def test_build_export_load_in_transformers(model_type, tmp_path):
+    overrides = {"llama": [], "qwen3": [], "gemma3_text": None}[model_type]
+    if model_type == "gemma3_text":
+        tiny_gemma3().save_pretrained(tmp_path / "src")
+        ours = llmparts.load_pretrained(tmp_path / "src")
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    else:
+        ours = llmparts.build_model("tiny/qwen3", overrides=overrides + (["attention.qk_norm=none"] if model_type == "llama" else []))
+    out = save_pretrained(ours, tmp_path / "out", model_type)
+    ref = hf_reference(out)
+    x = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        diff = (ref(x).logits - ours(x)).abs().max().item()
+    assert diff <= 1e-4
+    again = llmparts.load_pretrained(out)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
+
+
+def test_export_needs_a_family(tmp_path):
+    with pytest.raises(llmparts.ConfigError, match="model_type"):
+        save_pretrained(llmparts.build_model("tiny/qwen3"), tmp_path)
+
+
+def test_export_refuses_features_the_family_cannot_express(tmp_path):
+    model = llmparts.build_model("tiny/qwen3", overrides=["attention.qk_norm=none", "attention.window=8"])
+    with pytest.raises(llmparts.ConfigError, match="cannot be written as model_type 'llama'.*layer 0"):
+        save_pretrained(model, tmp_path, "llama")
