@@ -1,0 +1,151 @@
+"""GGUF reading on small crafted files: llama.cpp's Q/K permutation undone (checked against
+transformers' own GGUF loader), quantized tensors dequantized, bad files refused clearly."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import llmparts
+from llmparts import CheckpointError, UnsupportedModelError
+
+V, D, F, L, H, K = 96, 64, 96, 2, 4, 2
+HD = D // H
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (for its interleaved RoPE)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(path, model, arch="llama", qtypes=None, extra=None, extra_tensors=None):
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(L)
+    w.add_context_length(256)
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(F)
+    w.add_head_count(H)
+    w.add_head_count_kv(K)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(HD)
+    w.add_vocab_size(V)
+    for key, value in (extra or {}).items():
+        w.add_uint32(key, value)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+           "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for key, value in sd.items():
+        if key in names:
+            name = names[key]
+        else:
+            parts = key.split(".")
+            name = f"blk.{parts[2]}.{per['.'.join(parts[3:-1])]}.weight"
+        if ".attn_q." in name:
+            value = permute(value, H)
+        elif ".attn_k." in name:
+            value = permute(value, K)
+        qtype = (qtypes or {}).get(name)
+        if qtype is not None:
+            w.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, value)
+    for name, (value, qtype) in (extra_tensors or {}).items():
+        raw = value if value.dtype == np.uint8 else gguf.quants.quantize(value, qtype)
+        w.add_tensor(name, raw, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
+                                   num_attention_heads=H, num_key_value_heads=K, tie_word_embeddings=False,
+                                   max_position_embeddings=256, rms_norm_eps=1e-5)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def test_unpermute_matches_transformers_gguf_loader(tiny_llama, tmp_path):
+    path = write_llama_gguf(tmp_path / "tiny.gguf", tiny_llama)
+    ours = llmparts.load_pretrained(path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    x = torch.randint(0, V, (2, 48))
+    with torch.no_grad():
+        expected, got = ref(x).logits, ours(x)
+        original = tiny_llama(x).logits
+    assert (expected - got).abs().max().item() <= 1e-5
+    assert (original - got).abs().max().item() <= 1e-5  # and the permutation round-trips exactly
+    assert torch.equal(ours.layers[1].attn.k_proj.weight, tiny_llama.model.layers[1].self_attn.k_proj.weight)
+
+
+K_QUANT_F16_FIELDS = {"Q4_K": (144, (0, 2)), "Q6_K": (210, (208,))}  # block bytes, offsets of f16 scales
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K", "F16", "BF16"])
+def test_quantized_tensors_dequantize_like_gguf(tiny_llama, tmp_path, qtype):
+    q = getattr(gguf.GGMLQuantizationType, qtype)
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((8, 512)).astype(np.float32)  # K-quants need 256-wide rows
+    if qtype in K_QUANT_F16_FIELDS:  # gguf cannot quantize K-quants: random blocks with sane f16 scales
+        block, fields = K_QUANT_F16_FIELDS[qtype]
+        blocks = rng.integers(0, 256, (8, 2, block), dtype=np.uint8)
+        for off in fields:
+            blocks[..., off : off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+        packed = blocks.reshape(8, 2 * block)
+    else:
+        packed = gguf.quants.quantize(ref, q)
+    path = write_llama_gguf(tmp_path / "q.gguf", tiny_llama, extra_tensors={"extra.weight": (packed, q)})
+    f = llmparts.loading.gguf.GGUFFile(path)
+    got = f.tensor("extra.weight")
+    expected = gguf.quants.dequantize(packed, q).reshape(ref.shape)
+    assert got.shape == (8, 512) and np.array_equal(got.numpy(), expected.astype(np.float32))
+    if qtype in ("F16", "BF16", "Q8_0"):
+        assert np.abs(got.numpy() - ref).max() < 0.05  # and it is a faithful approximation
+    with pytest.raises(CheckpointError, match="unexpected tensors.*\\n.*extra.weight"):
+        llmparts.load_pretrained(path)  # the strict check still applies to GGUF files
+
+
+def test_unsupported_quantization_type_is_refused(tiny_llama, tmp_path):
+    path = write_llama_gguf(tmp_path / "q40.gguf", tiny_llama, qtypes={"blk.0.ffn_up.weight": gguf.GGMLQuantizationType.Q4_0})
+    with pytest.raises(UnsupportedModelError, match="Q4_0 are not supported; supported: F32, F16, BF16, Q8_0"):
+        llmparts.load_pretrained(path)
+
+
+def test_unsupported_architecture(tiny_llama, tmp_path):
+    path = write_llama_gguf(tmp_path / "b.gguf", tiny_llama, arch="bert")
+    with pytest.raises(UnsupportedModelError, match="GGUF architecture 'bert' is not supported; supported: gemma3, llama"):
+        llmparts.load_pretrained(path)
+
+
+def test_unknown_metadata_is_refused(tiny_llama, tmp_path):
+    path = write_llama_gguf(tmp_path / "m.gguf", tiny_llama, extra={"llama.expert_count": 8})
+    with pytest.raises(UnsupportedModelError, match="llama.expert_count"):
+        llmparts.load_pretrained(path)
+
+
+def test_not_a_gguf_and_truncated(tiny_llama, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"this is not a model" * 100)
+    with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+        llmparts.load_pretrained(bad)
+    good = write_llama_gguf(tmp_path / "t.gguf", tiny_llama)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+        llmparts.load_pretrained(cut)
