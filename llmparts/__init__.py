@@ -12,13 +12,14 @@ from .errors import (
     ModelNotFoundError,
     UnsupportedModelError,
 )
+from .generation import generate
 from .kv_cache import KVCache
 from .model import CausalLM, build_model
 
 __all__ = [
     "CacheError", "CausalLM", "CheckpointError", "ConfigError", "ContextLengthError", "InputError", "KVCache", "LLMPartsError", "LayerSpec",
     "ModelConfig", "ModelNotFoundError", "UnsupportedModelError", "apply_cli_overrides", "build_model",
-    "describe", "load_config", "load_pretrained", "shipped_configs",
+    "Tokenizer", "describe", "generate", "load_config", "load_pretrained", "shipped_configs",
 ]
 
 
@@ -27,4 +28,8 @@ def __getattr__(name: str):  # loading pulls in safetensors; import it on first 
         from .loading import load_pretrained
 
         return load_pretrained
+    if name == "Tokenizer":
+        from .tokenizer import Tokenizer
+
+        return Tokenizer
     raise AttributeError(name)
