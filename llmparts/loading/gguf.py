@@ -17,8 +17,8 @@ Gemma3TextConfig defaults, which is also what transformers assumes when it reads
 
 from __future__ import annotations
 
-import json
 import re
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, UnsupportedModelError
+from .gguf_format import GGUFContainer, GGUFFormatError, TensorInfo
 
 _TYPE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K")
 
@@ -183,49 +184,50 @@ class GGUFFile:
     """A GGUF file opened for reading (memory-mapped); tensors come out dequantized, HF-named."""
 
     def __init__(self, path: str | Path) -> None:
-        from gguf import GGUFReader
+        from gguf import GGMLQuantizationType as Q
 
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such GGUF file")
         try:
-            self.reader = GGUFReader(str(self.path))
-        except Exception as e:  # bad magic, truncated file, ...
+            self.container = GGUFContainer(self.path)
+        except (GGUFFormatError, OSError, ValueError, UnicodeDecodeError, struct.error) as e:
             raise CheckpointError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        self.fields = self.container.fields
         arch = self.meta("general.architecture", None)
         if arch not in ARCHS:
             raise UnsupportedModelError(
                 f"{self.path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHS))}"
             )
         self.arch, self.spec = arch, ARCHS[arch]
-        unknown = [k for k in self.reader.fields if k.startswith(f"{arch}.") and k[len(arch) + 1 :] not in self.spec.known_keys]
+        unknown = [k for k in self.fields if k.startswith(f"{arch}.") and k[len(arch) + 1 :] not in self.spec.known_keys]
         if unknown:
             raise UnsupportedModelError(
                 f"{self.path}: GGUF metadata {', '.join(unknown)} is not understood by llmparts for architecture "
                 f"{arch!r}; refusing to guess what it changes"
             )
         supported = _supported_types()
-        self._tensors: dict[str, Any] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.raw_names = {t.name for t in self.reader.tensors}
-        bad = sorted({t.tensor_type.name for t in self.reader.tensors if t.tensor_type not in supported})
+        infos = self.container.tensors.values()
+        bad = sorted({Q(t.type).name for t in infos if t.type not in supported})
         if bad:
             raise UnsupportedModelError(
                 f"{self.path}: quantization type(s) {', '.join(bad)} are not supported; supported: {', '.join(_TYPE_NAMES)}"
             )
-        for t in self.reader.tensors:
+        self._tensors: dict[str, TensorInfo] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.raw_names = {t.name for t in infos}
+        for t in infos:
             name = self.hf_name(t.name)
             self._tensors[name] = t
-            self.shapes[name] = tuple(int(d) for d in reversed(t.shape.tolist()))
+            self.shapes[name] = tuple(int(d) for d in reversed(t.shape))
         self.config = self.spec.config(self)
 
     def meta(self, key: str, default: Any = ...) -> Any:
-        f = self.reader.fields.get(key)
-        if f is None:
+        if key not in self.fields:
             if default is ...:
                 raise CheckpointError(f"{self.path}: required GGUF metadata {key!r} is missing")
             return default
-        return f.contents()
+        return self.fields[key]
 
     def hf_name(self, name: str) -> str:
         """GGUF tensor name -> HF name (unknown names are kept, so the strict check reports them)."""
@@ -240,23 +242,35 @@ class GGUFFile:
 
     def tensor(self, hf_name: str) -> torch.Tensor:
         """One tensor, dequantized to float32 and converted to HF conventions."""
-        from gguf import GGMLQuantizationType as Q
-        from gguf import dequantize
-
         t = self._tensors[hf_name]
-        data = t.data
-        if t.tensor_type in (Q.F32, Q.F16):
-            a = np.asarray(data, dtype=np.float32)
-        else:
-            a = dequantize(data, t.tensor_type)
-        a = a.reshape(self.shapes[hf_name])
-        a = self.spec.convert(self, t.name, a)
-        return torch.from_numpy(np.array(a, dtype=np.float32))  # a private copy: the file is mapped read-only
+        shape = self.shapes[hf_name]
+        a = dequantize(self.container.data(t), t.type, shape)
+        return torch.from_numpy(np.ascontiguousarray(self.spec.convert(self, t.name, a), dtype=np.float32))
 
     def tensors(self, keys: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._tensors:
             if keys is None or name in keys:
                 yield name, self.tensor(name)
 
-    def hf_config_json(self) -> str:
-        return json.dumps(self.config, indent=2)
+
+def dequantize(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Raw GGUF bytes of one tensor -> a new float32 array of ``shape`` (HF order, row-major)."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
+    from gguf import dequantize as gguf_dequantize
+
+    q = Q(qtype)
+    if q == Q.F32:
+        return np.frombuffer(raw, dtype=np.float32).reshape(shape).copy()
+    if q == Q.F16:
+        return np.frombuffer(raw, dtype=np.float16).astype(np.float32).reshape(shape)
+    if q == Q.BF16:
+        return (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    block, size = GGML_QUANT_SIZES[q]
+    blocks = np.frombuffer(raw, dtype=np.uint8).reshape(-1, size)
+    if q == Q.Q8_0:  # fast path: one float16 scale, then 32 int8 values per block
+        out = blocks[:, 2:].view(np.int8).astype(np.float32)
+        out *= blocks[:, :2].copy().view(np.float16).astype(np.float32)
+        return out.reshape(shape)
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    return gguf_dequantize(blocks.reshape(rows, -1), q).reshape(shape)
