@@ -1,4 +1,4 @@
-"""The ``llmparts`` command line: generate, chat, inspect, convert, download, bench.
+"""The ``llmparts`` command line: generate, chat, inspect, convert, download.
 
 ``--model`` takes a Hub repo id, a local HF directory or a ``.gguf`` file, and defaults to the
 embedded SmolLM2-135M-Instruct GGUF (see :mod:`llmparts.defaults`), which works offline.

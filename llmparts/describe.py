@@ -35,8 +35,15 @@ def _ranges(idx: list[int]) -> str:
     return "layers " + ",".join(map(str, idx))
 
 
-def describe(config: ModelConfig, params: bool = True) -> str:
-    """Header line, then one line per run of consecutive layers with identical resolved specs."""
+def describe(config: ModelConfig | str, params: bool = True) -> str:
+    """Header line, then one line per run of consecutive layers with identical resolved specs.
+
+    ``config``: a ModelConfig, or anything :func:`~llmparts.config.load_config` takes (a shipped name).
+    """
+    from .config import load_config
+
+    if not isinstance(config, ModelConfig):
+        config = load_config(config)
     head = (
         f"{config.name or 'model'}: {config.n_layers} layers, d_model {config.d_model}, "
         f"vocab {config.vocab_size}, max_seq_len {config.max_seq_len}, "
