@@ -15,11 +15,20 @@ from llmparts.loading.families import HFConfig, family_for
 SHIPPED = sorted(name for name in llmparts.shipped_configs() if not name.startswith("tiny/"))
 
 # Config-name prefix -> the family adapter (``model_type``) that exports it to transformers.
-FAMILY_BY_PREFIX = {"llama-": "llama", "qwen3-": "qwen3"}
+FAMILY_BY_PREFIX = {
+    "llama-": "llama",
+    "qwen3-": "qwen3",
+    "gemma3-": "gemma3_text",
+    "olmo2-": "olmo2",
+    "olmo3-": "olmo3",
+    "smollm3-": "smollm3",
+    "mistral-": "mistral",
+}
 
 # Totals published for the released checkpoints (tied embeddings counted once). Hard-coded so that
 # they cannot drift with the adapters: Llama from the Hub's safetensors metadata (Llama-3.3-70B has
-# the Llama-3.1-70B architecture), Qwen3 from the keras-hub Qwen3 presets.
+# the Llama-3.1-70B architecture), Qwen3 and Gemma-3-270M/1B from the keras-hub presets, OLMo 2/3,
+# SmolLM3 and Mistral from the Hub's safetensors totals (``safetensors.total`` of the model repos).
 KNOWN_TOTALS = {
     "llama-3.2-1b": 1_235_814_400,
     "llama-3.2-3b": 3_212_749_824,
@@ -31,6 +40,116 @@ KNOWN_TOTALS = {
     "qwen3-8b": 8_190_735_360,
     "qwen3-14b": 14_768_307_200,
     "qwen3-32b": 32_762_123_264,
+    "gemma3-270m": 268_098_176,
+    "gemma3-1b": 999_885_952,
+    "olmo2-1b": 1_484_916_736,
+    "olmo2-7b": 7_298_617_344,
+    "olmo2-13b": 13_716_198_400,
+    "olmo2-32b": 32_234_279_936,
+    "olmo3-7b": 7_298_011_136,
+    "olmo3-32b": 32_233_522_176,
+    "smollm3-3b": 3_075_098_624,
+    "mistral-7b-v0.1": 7_241_732_096,
+    "mistral-7b-v0.3": 7_248_023_552,
+}
+
+# keras-hub's text-only Gemma 3 presets (gemma3_{4b,12b,27b}_text) keep the tokenizer's 262144 embedding
+# rows; the Hugging Face checkpoints of 4B and up pad the vocabulary to 262208. Checked with that override.
+KERAS_GEMMA3_TEXT_TOTALS = {
+    "gemma3-4b": 3_880_099_328,
+    "gemma3-12b": 11_765_788_416,
+    "gemma3-27b": 27_009_002_240,
+}
+
+_LAYER_TYPES_5_1 = lambda n: ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]  # noqa: E731
+_LAYER_TYPES_3_1 = lambda n: ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(n)]  # noqa: E731
+_OLMO3_YARN = {
+    "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192,
+    "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.2079441541679836,
+}
+_GEMMA3_LINEAR_X8 = {"factor": 8.0, "rope_type": "linear"}
+
+# The architecture fields of the released config.json files (token ids, dtype and version stamps left out).
+# Gemma 3 4B/12B/27B are the ``text_config`` of the multimodal checkpoints, which list only what differs from
+# Gemma3TextConfig's defaults; transformers fills in the rest exactly as ``from_pretrained`` does.
+RELEASED = {
+    "gemma3-270m": {  # google/gemma-3-270m
+        "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640, "intermediate_size": 2048,
+        "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 32768, "rms_norm_eps": 1e-06,
+        "query_pre_attn_scalar": 256, "sliding_window": 512, "_sliding_window_pattern": 6,
+        "layer_types": _LAYER_TYPES_5_1(18), "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+        "rope_scaling": None, "attention_bias": False, "attn_logit_softcapping": None,
+        "final_logit_softcapping": None, "use_bidirectional_attention": False,
+    },
+    "gemma3-1b": {  # google/gemma-3-1b-pt
+        "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152, "intermediate_size": 6912,
+        "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 32768, "rms_norm_eps": 1e-06,
+        "query_pre_attn_scalar": 256, "sliding_window": 512, "sliding_window_pattern": 6,
+        "rope_theta": 1000000, "rope_local_base_freq": 10000, "rope_scaling": None, "attention_bias": False,
+        "attn_logit_softcapping": None, "final_logit_softcapping": None,
+    },
+    "gemma3-4b": {  # google/gemma-3-4b-pt, text_config
+        "model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+        "rope_scaling": _GEMMA3_LINEAR_X8, "sliding_window": 1024,
+    },
+    "gemma3-12b": {  # google/gemma-3-12b-pt, text_config
+        "model_type": "gemma3_text", "hidden_size": 3840, "intermediate_size": 15360, "num_hidden_layers": 48,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "rope_scaling": _GEMMA3_LINEAR_X8,
+        "sliding_window": 1024,
+    },
+    "gemma3-27b": {  # google/gemma-3-27b-pt, text_config
+        "model_type": "gemma3_text", "head_dim": 128, "hidden_size": 5376, "intermediate_size": 21504,
+        "num_hidden_layers": 62, "num_attention_heads": 32, "num_key_value_heads": 16,
+        "query_pre_attn_scalar": 168, "rope_scaling": _GEMMA3_LINEAR_X8, "sliding_window": 1024,
+    },
+    **{
+        name: {  # allenai/OLMo-2-0425-1B, OLMo-2-1124-7B, OLMo-2-1124-13B, OLMo-2-0325-32B
+            "model_type": "olmo2", "vocab_size": 100352, "hidden_size": d, "intermediate_size": ffn,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+            "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-06, "rope_theta": 500000,
+            "rope_scaling": None, "attention_bias": False, "tie_word_embeddings": False,
+        }
+        for name, (d, ffn, layers, heads, kv) in {
+            "olmo2-1b": (2048, 8192, 16, 16, 16),
+            "olmo2-7b": (4096, 11008, 32, 32, 32),
+            "olmo2-13b": (5120, 13824, 40, 40, 40),
+            "olmo2-32b": (5120, 27648, 64, 40, 8),
+        }.items()
+    },
+    **{
+        name: {  # allenai/Olmo-3-1025-7B, Olmo-3-1125-32B
+            "model_type": "olmo3", "vocab_size": 100278, "hidden_size": d, "intermediate_size": ffn,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+            "hidden_act": "silu", "max_position_embeddings": 65536, "rms_norm_eps": 1e-06, "rope_theta": 500000,
+            "rope_scaling": _OLMO3_YARN, "sliding_window": 4096, "layer_types": _LAYER_TYPES_3_1(layers),
+            "attention_bias": False, "tie_word_embeddings": False,
+        }
+        for name, (d, ffn, layers, heads, kv) in {
+            "olmo3-7b": (4096, 11008, 32, 32, 32),
+            "olmo3-32b": (5120, 27648, 64, 40, 8),
+        }.items()
+    },
+    "smollm3-3b": {  # HuggingFaceTB/SmolLM3-3B
+        "model_type": "smollm3", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 11008,
+        "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 4, "hidden_act": "silu",
+        "max_position_embeddings": 65536, "rms_norm_eps": 1e-06, "rope_theta": 5000000.0, "rope_scaling": None,
+        "no_rope_layers": [1, 1, 1, 0] * 9, "no_rope_layer_interval": 4, "use_sliding_window": False,
+        "sliding_window": None, "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True,
+    },
+    "mistral-7b-v0.1": {  # mistralai/Mistral-7B-v0.1
+        "model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096,
+        "tie_word_embeddings": False,
+    },
+    "mistral-7b-v0.3": {  # mistralai/Mistral-7B-v0.3
+        "model_type": "mistral", "vocab_size": 32768, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
+        "tie_word_embeddings": False,
+    },
 }
 
 
@@ -41,8 +160,23 @@ def family_of(name: str) -> str:
     raise AssertionError(f"shipped config {name!r} has no family in FAMILY_BY_PREFIX; add one")
 
 
+def assert_same_network(got: ModelConfig, want: ModelConfig) -> None:
+    """Equal as networks: every resolved layer, the embedding and final norm, and the top-level sizes.
+
+    A config's layer defaults and ``overrides`` may be written differently for the same network (the shipped
+    Gemma 3 files make the local layers the defaults and override every 6th; the adapter does the reverse),
+    so they are compared through ``layers``, which holds each layer's fully resolved specs.
+    """
+    for key in ("vocab_size", "d_model", "n_layers", "max_seq_len", "tie_embeddings", "logit_softcap", "init_std"):
+        assert getattr(got, key) == getattr(want, key), key
+    assert got.embedding == want.embedding
+    assert got.final_norm == want.final_norm
+    for i, (a, b) in enumerate(zip(got.layers, want.layers, strict=True)):
+        assert a == b, f"layer {i}:\n  got  {a}\n  want {b}"
+
+
 def test_expected_configs_are_shipped():
-    missing = sorted(set(KNOWN_TOTALS) - set(SHIPPED))
+    missing = sorted((set(KNOWN_TOTALS) | set(RELEASED) | set(KERAS_GEMMA3_TEXT_TOTALS)) - set(SHIPPED))
     assert not missing, f"missing shipped configs: {missing}"
 
 
@@ -64,15 +198,26 @@ def test_round_trips(name):
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_hf_config_round_trips(name):
-    """config_to_hf then config_from_hf (strict: every key consumed) gives the same config back."""
+    """config_to_hf then config_from_hf (strict: every key consumed) gives the same network back."""
     cfg = llmparts.load_config(name)
     family = family_for(family_of(name))
     hf = HFConfig(family.config_to_hf(cfg))
     raw = family.config_from_hf(hf)
     hf.finish(strict=True)
-    back = ModelConfig.from_dict({**raw, "name": name})
-    assert back == cfg
-    assert back.layers == cfg.layers
+    assert_same_network(ModelConfig.from_dict({**raw, "name": name}), cfg)
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_config_gives_the_shipped_config(name):
+    """The released config.json, completed with transformers' defaults as ``from_pretrained`` does, read by
+    the family adapter (strict), is the same network as the shipped YAML."""
+    transformers = pytest.importorskip("transformers")
+    hf_dict = transformers.AutoConfig.for_model(**RELEASED[name]).to_dict()
+    assert hf_dict["model_type"] == family_of(name)
+    hf = HFConfig(hf_dict, source=f"{name} (released config.json)")
+    raw = family_for(hf_dict["model_type"]).config_from_hf(hf)
+    hf.finish(strict=True)
+    assert_same_network(ModelConfig.from_dict({**raw, "name": name}), llmparts.load_config(name))
 
 
 def hf_num_parameters(hf_dict: dict) -> int:
@@ -81,7 +226,8 @@ def hf_num_parameters(hf_dict: dict) -> int:
     assert config.model_type == hf_dict["model_type"]
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
-    assert type(model).__name__ == hf_dict["architectures"][0]
+    if "architectures" in hf_dict:
+        assert type(model).__name__ == hf_dict["architectures"][0]
     return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
 
 
@@ -94,6 +240,18 @@ def test_parameter_count_matches_transformers(name):
     assert ours == hf_num_parameters(hf_dict)
 
 
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_parameter_count_matches_transformers_on_the_released_config(name):
+    """Needs no llmparts adapter: transformers builds the released config.json itself."""
+    assert llmparts.build_model(name, device="meta").num_parameters() == hf_num_parameters(RELEASED[name])
+
+
 @pytest.mark.parametrize("name", sorted(KNOWN_TOTALS))
 def test_parameter_count_matches_published_total(name):
     assert llmparts.build_model(name, device="meta").num_parameters() == KNOWN_TOTALS[name]
+
+
+@pytest.mark.parametrize("name", sorted(KERAS_GEMMA3_TEXT_TOTALS))
+def test_gemma3_parameter_count_matches_keras_hub_with_its_vocabulary(name):
+    cfg = llmparts.load_config(name, overrides=["vocab_size=262144"])
+    assert llmparts.build_model(cfg, device="meta").num_parameters() == KERAS_GEMMA3_TEXT_TOTALS[name]

@@ -103,7 +103,7 @@ def register_family(family: Family) -> Family:
 
 
 def family_for(model_type: Any, source: str = "config.json") -> Family:
-    from . import gemma3, llama, qwen3  # noqa: F401  (registration)
+    from . import gemma3, llama, mistral, olmo2, olmo3, qwen3, smollm3  # noqa: F401  (registration)
 
     if not isinstance(model_type, str) or model_type not in _FAMILIES:
         raise UnsupportedModelError(

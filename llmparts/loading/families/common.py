@@ -120,9 +120,25 @@ def sliding_overrides(hf: HFConfig, types: list[str], window: int | None, extra:
             f"{hf.source}: layer_types marks layers {sliding} as sliding_attention but {no_window_reason} "
             "(contradictory fields)"
         )
-    if window < 1:
-        raise ConfigError(f"{hf.source}: sliding_window must be >= 1, got {window}")
-    return [{"layers": sliding, "attention": {"window": int(window)}, **(extra or {})}]
+    return [{"layers": sliding, "attention": {"window": check_window(hf, window)}, **(extra or {})}]
+
+
+def check_window(hf: HFConfig, window: Any, key: str = "sliding_window") -> int:
+    """A validated sliding window: an integer >= 1 and no larger than ``max_position_embeddings``.
+
+    The core rejects ``window > max_seq_len`` too; checking here names the HF fields to fix.
+    """
+    if isinstance(window, float) and window.is_integer():
+        window = int(window)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConfigError(f"{hf.source}: {key} must be an integer >= 1 (or null for full attention), got {window!r}")
+    context = hf.data.get("max_position_embeddings")  # a peek: the adapter consumes it itself
+    if isinstance(context, int) and window > context:
+        raise ConfigError(
+            f"{hf.source}: {key} ({window}) is larger than max_position_embeddings ({context}); "
+            f"set {key} to at most {context}, or to null for full attention"
+        )
+    return window
 
 
 def llama_rules(tied: bool, qk_norm: bool = False) -> list[Rule]:
@@ -140,3 +156,46 @@ def llama_rules(tied: bool, qk_norm: bool = False) -> list[Rule]:
         rules.append(Rename("model.layers.{i}.self_attn.{p}_norm.weight", "layers.{i}.attn.{p}_norm.weight"))
     rules.append(Rename("lm_head.weight", "head.weight"))
     return rules
+
+
+def get_present(hf: HFConfig, key: str, default: Any) -> Any:
+    """``hf[key]`` where a written ``null`` stays ``None``; ``default`` only when the key is absent.
+
+    (``HFConfig.get`` maps null to the default, which is wrong for fields whose default is a value
+    but whose null means "off", such as Mistral's ``sliding_window``.)
+    """
+    if key in hf.data:
+        return hf.get(key)
+    hf.used.add(key)
+    return default
+
+
+def written_spec(cfg: Any, i: int, kind: str) -> Any:
+    """Layer ``i``'s ``kind`` spec as written (defaults plus its overrides), before derived fields are filled.
+
+    Exporting these rather than the resolved specs keeps ``config_from_hf(config_to_hf(cfg)) == cfg``
+    exact: a YaRN attention factor left to be derived stays unwritten instead of becoming a number.
+    """
+    from ...config import deep_merge, parse_spec, spec_to_dict
+
+    raw = spec_to_dict(getattr(cfg, kind))
+    for ov in cfg.overrides:
+        if i in ov.layers and kind in ov.parts:
+            raw = deep_merge(raw, ov.parts[kind])
+    return parse_spec(kind, raw, f"layer {i}.{kind}")
+
+
+def export_rope(cfg: Any, i: int) -> dict[str, Any]:
+    """transformers 5 ``rope_parameters`` for layer ``i`` of ``cfg``; a non-RoPE layer fails."""
+    from .llama import rope_to_hf
+
+    resolved = cfg.layers[i].position
+    if getattr(resolved, "type", None) != "rope":
+        raise UnsupportedModelError(
+            f"layer {i} uses position type {getattr(resolved, 'type', resolved)!r}; this family's config.json "
+            "can only describe RoPE there"
+        )
+    out = rope_to_hf(written_spec(cfg, i, "position"))
+    if out.get("factor") is None and getattr(resolved.scaling, "factor", None) is not None:
+        out["factor"] = resolved.scaling.factor  # YaRN's factor derived from max_seq_len: HF needs the number
+    return out
