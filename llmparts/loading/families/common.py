@@ -199,3 +199,20 @@ def export_rope(cfg: Any, i: int) -> dict[str, Any]:
     if out.get("factor") is None and getattr(resolved.scaling, "factor", None) is not None:
         out["factor"] = resolved.scaling.factor  # YaRN's factor derived from max_seq_len: HF needs the number
     return out
+
+
+def dense_to_hf(cfg: Any) -> dict[str, Any]:
+    """The config.json fields every Llama-like family writes the same way (sizes, eps, tying)."""
+    a, m = cfg.attention, cfg.mlp
+    return {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": m.hidden_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": a.n_heads,
+        "num_key_value_heads": a.n_kv_heads or a.n_heads,
+        "hidden_act": m.activation,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm.eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }

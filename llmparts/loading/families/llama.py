@@ -6,7 +6,7 @@ from typing import Any
 
 from ...config import ModelConfig
 from . import Family, HFConfig, register_family
-from .common import llama_rules, rope_from_hf
+from .common import dense_to_hf, llama_rules, rope_from_hf
 
 
 def llama_core(hf: HFConfig, default_eps: float = 1e-6, default_theta: float = 10000.0) -> dict[str, Any]:
@@ -56,17 +56,8 @@ def llama_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": m.hidden_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": a.n_heads,
-        "num_key_value_heads": a.n_kv_heads or a.n_heads,
+        **dense_to_hf(cfg),
         "head_dim": cfg.layers[0].attention.head_dim,
-        "hidden_act": m.activation,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm.eps,
-        "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": a.qkv_bias,
         "mlp_bias": m.bias,
         "rope_parameters": rope_to_hf(cfg.layers[0].position),

@@ -15,7 +15,7 @@ from typing import Any
 from ...config import ModelConfig
 from ...errors import ConfigError, UnsupportedModelError
 from . import Family, HFConfig, register_family
-from .common import check_window, export_rope, get_present, llama_rules
+from .common import dense_to_hf, check_window, export_rope, get_present, llama_rules
 from .llama import llama_core
 
 
@@ -49,17 +49,8 @@ def mistral_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     out = {
         "model_type": "mistral",
         "architectures": ["MistralForCausalLM"],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": m.hidden_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": a.n_heads,
-        "num_key_value_heads": a.n_kv_heads or a.n_heads,
+        **dense_to_hf(cfg),
         "head_dim": a.head_dim,
-        "hidden_act": m.activation,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm.eps,
-        "tie_word_embeddings": cfg.tie_embeddings,
         "sliding_window": windows.pop(),
         "rope_parameters": export_rope(cfg, 0),
     }

@@ -19,7 +19,7 @@ from typing import Any
 from ...config import ModelConfig
 from ..weight_map import Ignore, Rename, Rule
 from . import Family, HFConfig, register_family
-from .common import export_rope, rope_from_hf
+from .common import dense_to_hf, export_rope, rope_from_hf
 
 
 def olmo_core(hf: HFConfig) -> dict[str, Any]:
@@ -76,16 +76,7 @@ def olmo_rules(cfg: dict[str, Any]) -> list[Rule]:
 def olmo_core_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     a, m = cfg.attention, cfg.mlp
     out = {
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": m.hidden_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": a.n_heads,
-        "num_key_value_heads": a.n_kv_heads or a.n_heads,
-        "hidden_act": m.activation,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm.eps,
-        "tie_word_embeddings": cfg.tie_embeddings,
+        **dense_to_hf(cfg),
         "attention_bias": a.qkv_bias,
     }
     if a.head_dim is not None:

@@ -16,7 +16,7 @@ from typing import Any
 from ...config import ModelConfig
 from ...errors import ConfigError, UnsupportedModelError
 from . import Family, HFConfig, register_family
-from .common import export_rope, layer_types_from_hf, llama_rules, sliding_overrides
+from .common import dense_to_hf, export_rope, layer_types_from_hf, llama_rules, sliding_overrides
 from .llama import llama_core
 
 
@@ -73,16 +73,7 @@ def smollm3_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model_type": "smollm3",
         "architectures": ["SmolLM3ForCausalLM"],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": m.hidden_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": a.n_heads,
-        "num_key_value_heads": a.n_kv_heads or a.n_heads,
-        "hidden_act": m.activation,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm.eps,
-        "tie_word_embeddings": cfg.tie_embeddings,
+        **dense_to_hf(cfg),
         "attention_bias": a.qkv_bias,
         "mlp_bias": m.bias,
         "rope_parameters": export_rope(cfg, roped[0]) if roped
