@@ -332,6 +332,7 @@ class ModelConfig:
 
         ctx: dict[str, Any] = {"d_model": self.d_model, "max_seq_len": self.max_seq_len, "layer": i}
         specs = {kind: parse_spec(kind, raw[kind], p(kind)) for kind in LAYER_KINDS}
+        ctx["position"] = specs["position"]  # as written: MLA's softmax scale depends on YaRN's mscale
         attn = specs["attention"].resolve(ctx, p("attention"))
         ctx["attention"] = attn
         ctx["rope_head_dim"] = getattr(attn, "rope_head_dim", None) or attn.head_dim

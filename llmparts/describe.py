@@ -52,8 +52,9 @@ def describe(config: ModelConfig | str, params: bool = True) -> str:
     if params:
         from .model import build_model
 
-        n = build_model(config, device="meta").num_parameters()
-        head += f", {n:,} parameters"
+        meta = build_model(config, device="meta")
+        n, active = meta.num_parameters(), meta.num_active_parameters()
+        head += f", {n:,} parameters" + (f" ({active:,} active per token)" if active != n else "")
     lines = [head, f"  embedding {spec_summary(config.embedding)}; final norm {spec_summary(config.final_norm)}"]
     runs: list[list[int]] = []
     for i, spec in enumerate(config.layers):

@@ -1,8 +1,9 @@
 """Text generation: prefill + one cached decode step per token, samplers, stops, streaming, batches.
 
 ``generate(model, tokenizer, prompt)`` runs the prompt through the model once (the prefill, in
-chunks of :data:`PREFILL_CHUNK` tokens so a long prompt never materialises (T, vocab) logits at
-once), then feeds one token per step on a KV cache sized ``prompt_len + max_new_tokens``.
+chunks of :data:`PREFILL_CHUNK` tokens to bound activation memory on long prompts; only the last
+position's logits are computed), then feeds one token per step on a KV cache sized
+``prompt_len + max_new_tokens``.
 
 Batches of prompts of different lengths are left-padded: the pads get position -1 (never visible)
 and every row counts its own positions, so a padded row decodes exactly as it would alone. Rows
@@ -25,7 +26,7 @@ import torch
 from .errors import ContextLengthError, InputError
 
 DEFAULT_MAX_NEW_TOKENS = 256
-PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds the (B, T, V) float32 logits
+PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds activations (attention scores, MLP)
 
 
 # ------------------------------------------------------------------------------- logit processors
@@ -247,7 +248,8 @@ def decode_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     with torch.no_grad():  # the prefill, in chunks
         for s in range(0, T, PREFILL_CHUNK):
             chunk = input_ids[:, s : s + PREFILL_CHUNK]
-            logits = model(chunk, cache=cache, pos=q_pos[:, s : s + PREFILL_CHUNK] if padded else s)[:, -1]
+            logits = model(chunk, cache=cache, pos=q_pos[:, s : s + PREFILL_CHUNK] if padded else s,
+                           last_only=True)[:, -1]
     next_pos = attention_mask.sum(-1, keepdim=True)  # (B, 1): every row's own next position
     V = logits.shape[-1]
     banned = None
@@ -268,7 +270,7 @@ def decode_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         if step == max_new_tokens - 1 or bool(finished.all()):
             return
         with torch.no_grad():
-            logits = model(token[:, None], cache=cache, pos=next_pos if padded else None)[:, -1]
+            logits = model(token[:, None], cache=cache, pos=next_pos if padded else None, last_only=True)[:, -1]
         next_pos = next_pos + 1
 
 

@@ -72,6 +72,7 @@ class CausalLM(nn.Module):
     next-token cross-entropy (labels shifted by one inside; -100 is ignored). With a cache from
     :meth:`make_cache` it decodes incrementally: ``model(ids, cache=cache)`` continues where the
     cache stopped; ``pos`` (int start or (B, T) positions, -1 for padding) overrides that.
+    ``last_only=True`` returns only the last position's logits (B, 1, V), as generation needs.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -99,8 +100,10 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Random init: N(0, init_std) for embeddings and projections, zero biases, norms to identity."""
+        """Random init: N(0, init_std) for embeddings, projections and stacked experts; zero biases
+        (and sinks, router correction biases); norms to identity."""
         std = self.config.init_std
+        done: set[int] = set()
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.weight.normal_(0.0, std, generator=generator)
@@ -108,13 +111,19 @@ class CausalLM(nn.Module):
                     module.bias.zero_()
             elif hasattr(module, "reset_parameters") and module is not self:
                 module.reset_parameters()
-        self.embed.weight.normal_(0.0, std, generator=generator)
-        for block in self.layers:
-            if getattr(block.attn, "sinks", None) is not None:
-                block.attn.sinks.zero_()
+            else:
+                continue
+            done.update(id(p) for p in module.parameters(recurse=False))
+        for p in self.parameters():  # the rest: stacked expert weights (E, out, in), biases, sinks
+            if id(p) not in done:
+                p.normal_(0.0, std, generator=generator) if p.dim() >= 2 else p.zero_()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared (tied) parameters counted once
+
+    def num_active_parameters(self) -> int:
+        """Parameters one token uses: all of them minus the experts a mixture-of-experts router skips."""
+        return self.num_parameters() - sum(getattr(b.mlp, "inactive_parameters", lambda: 0)() for b in self.layers)
 
     @property
     def device(self) -> torch.device:
@@ -138,6 +147,11 @@ class CausalLM(nn.Module):
             [b.attn.cache_dims() for b in self.layers],
             batch_size, max_seq_len, dtype or self.dtype, device or self.device,
         )
+
+    def cache_values_per_token(self) -> int:
+        """Values the KV cache stores per token over all layers (MLA: its latent; window layers
+        stop growing at ``window`` tokens)."""
+        return sum(n * (k + v) for n, k, v in (b.attn.cache_dims() for b in self.layers))
 
     # --------------------------------------------------------------------------------- forward
     def _positions(self, input_ids: torch.Tensor, cache: KVCache | None, pos: Any,
@@ -172,7 +186,8 @@ class CausalLM(nn.Module):
         return pos, False
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, pos: Any = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -203,13 +218,34 @@ class CausalLM(nn.Module):
             x = block(x, self.positions[key], tables[key], plans[block.attn.spec.window], kv, start)
         if cache is not None:
             cache.commit(q_pos)
+        if last_only:  # generation needs only the next token's logits: skip the head on the rest
+            if labels is not None:
+                raise InputError("last_only=True computes no logits for the labels; drop one of them")
+            x = x[:, -1:]
         logits = self.head(self.final_norm(x)).float()
         if self.config.logit_softcap is not None:
             c = self.config.logit_softcap
             logits = c * torch.tanh(logits / c)
         if labels is None:
             return logits
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        if self.training:
+            loss = loss + self.aux_loss()
+        return loss
+
+    def aux_loss(self) -> torch.Tensor | float:
+        """The mixture-of-experts load-balancing loss of the last training forward, weighted by
+        ``aux_loss_coef``: as transformers computes it, over the router logits of all MoE layers at
+        once (token fractions and mean probabilities averaged over every layer's rows, then
+        multiplied), not a sum of per-layer losses. 0 without MoE layers or in eval mode."""
+        from .modules.moe import load_balancing_loss
+
+        groups: dict[tuple[float, int], list[torch.Tensor]] = {}
+        for b in self.layers:
+            logits = getattr(b.mlp, "router_logits", None)
+            if logits is not None:
+                groups.setdefault((b.mlp.spec.aux_loss_coef, b.mlp.spec.top_k), []).append(logits)
+        return sum((coef * load_balancing_loss(lg, k) for (coef, k), lg in groups.items()), 0.0)
 
 
 def build_model(config: str | ModelConfig | dict[str, Any], overrides: list[str] | None = None,

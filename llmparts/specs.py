@@ -260,6 +260,74 @@ class AttentionSpec(Spec):
         return dataclasses.replace(self, n_kv_heads=n_kv, head_dim=head_dim)
 
 
+@register_spec("attention", "mla")
+@dataclass(frozen=True)
+class MLASpec(Spec):
+    """Multi-head Latent Attention (DeepSeek-V2, arXiv 2405.04434; DeepSeek-V3, Kimi K2).
+
+    Keys and values are up-projected from one shared latent of ``kv_lora_rank`` values per token
+    (RMS-normalised), plus one shared rotary key of ``qk_rope_head_dim``; the cache stores only those
+    ``kv_lora_rank + qk_rope_head_dim`` values per token. Queries come from a latent of
+    ``q_lora_rank`` (normalised) or, when it is null, from one full projection (DeepSeek-V2-Lite).
+    Each head's query/key is ``qk_nope_head_dim`` position-free dims followed by ``qk_rope_head_dim``
+    rotated dims; values have ``v_head_dim``. ``bias``: biases on q_a/kv_a/o projections (HF
+    ``attention_bias``). ``latent_norm_eps``: eps of the two latent norms (null: the layer norm's;
+    transformers' DeepSeek uses 1e-6 whatever ``rms_norm_eps`` is). ``scale`` defaults to
+    ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5``, multiplied by ``mscale(factor,
+    mscale_all_dim) ** 2`` when the layer's RoPE is YaRN with ``mscale_all_dim`` set (DeepSeek's
+    long-context correction of the softmax temperature).
+    """
+
+    type: str = "mla"
+    n_heads: int = 0
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    bias: bool = False
+    latent_norm_eps: float | None = None
+    window: int | None = None
+    scale: float | None = None
+
+    @property
+    def rope_head_dim(self) -> int:
+        """The width RoPE rotates: only the decoupled rotary part of each head."""
+        return self.qk_rope_head_dim
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def resolve(self, ctx: dict[str, Any], path: str) -> "MLASpec":
+        for name in ("n_heads", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise ConfigError(f"{path}.{name} is required and must be > 0, got {value!r}")
+        if self.qk_nope_head_dim < 0:
+            raise ConfigError(f"{path}.qk_nope_head_dim must be >= 0, got {self.qk_nope_head_dim}")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"{path}.qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ConfigError(f"{path}.q_lora_rank must be > 0, or null for a full query projection, got {self.q_lora_rank}")
+        _positive(path, "latent_norm_eps", self.latent_norm_eps)
+        _positive(path, "scale", self.scale)
+        if self.window is not None and not 1 <= self.window <= ctx["max_seq_len"]:
+            raise ConfigError(
+                f"{path}.window must be between 1 and max_seq_len ({ctx['max_seq_len']}), got {self.window}; "
+                "use window: null for full attention"
+            )
+        scale = self.scale
+        if scale is None:
+            scale = self.qk_head_dim**-0.5
+            position = ctx.get("position")
+            scaling = getattr(position, "scaling", None)
+            if getattr(position, "type", None) == "rope" and getattr(scaling, "type", None) == "yarn" and scaling.mscale_all_dim:
+                factor = scaling.resolve(ctx, f"{path} (position.scaling)").factor
+                scale *= yarn_get_mscale(factor, scaling.mscale_all_dim) ** 2
+        return dataclasses.replace(self, scale=float(scale))
+
+
 # ------------------------------------------------------------------------------------------ mlp
 Activation = Literal["silu", "gelu_tanh", "gelu", "relu"]
 
@@ -291,6 +359,86 @@ class PlainMLPSpec(Spec):
 
     def resolve(self, ctx: dict[str, Any], path: str) -> "PlainMLPSpec":
         _positive(path, "hidden_dim", self.hidden_dim, allow_none=False)
+        return self
+
+
+MoEActivation = Literal["silu", "gelu_tanh", "gelu", "relu", "clamped_swiglu"]
+
+
+@register_spec("mlp", "moe")
+@dataclass(frozen=True)
+class MoESpec(Spec):
+    """Sparse mixture of experts: a router picks ``top_k`` of ``n_experts`` gated MLPs per token.
+
+    Router variants (router math in float32):
+
+    * ``softmax``: softmax over all experts, then the top k (Qwen3-MoE, Mixtral); ``normalize``
+      rescales the k weights to sum to 1 (HF ``norm_topk_prob``).
+    * ``topk_softmax``: the top k of the logits, then a softmax over those k (GPT-OSS).
+    * ``sigmoid``: sigmoid scores (DeepSeek-V3, Kimi K2); ``correction_bias`` is added to the scores
+      for *selection only*; ``normalize`` then ``scaling_factor`` (``routed_scaling_factor``).
+
+    ``n_groups`` / ``topk_groups``: group-limited selection: experts are split into ``n_groups``
+    equal groups, each scored by the sum of its two best selection scores; only experts of the best
+    ``topk_groups`` groups can be picked (DeepSeek-V3). ``router_bias``: a bias on the router
+    projection, used for weights and selection (GPT-OSS). ``hidden_dim``: per expert.
+    ``activation: clamped_swiglu`` is GPT-OSS's ``(clamp(up, -l, l) + 1) * g * sigmoid(alpha g)``
+    with ``g = min(gate, l)``, ``l = swiglu_limit``, ``alpha = swiglu_alpha``; ``expert_bias`` adds
+    biases to the expert projections (GPT-OSS). ``shared_hidden_dim`` > 0 adds an always-on gated MLP
+    of that width (DeepSeek's shared experts, ``n_shared_experts * moe_intermediate_size``).
+    ``aux_loss_coef``: weight of the load-balancing loss (Switch Transformer, arXiv 2101.03961) that
+    training adds to the language-model loss.
+    """
+
+    type: str = "moe"
+    n_experts: int = 0
+    top_k: int = 0
+    hidden_dim: int = 0
+    activation: MoEActivation = "silu"
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    expert_bias: bool = False
+    router: Literal["softmax", "topk_softmax", "sigmoid"] = "softmax"
+    router_bias: bool = False
+    correction_bias: bool = False
+    normalize: bool = False
+    n_groups: int = 1
+    topk_groups: int = 1
+    scaling_factor: float = 1.0
+    shared_hidden_dim: int = 0
+    aux_loss_coef: float = 0.0
+
+    def resolve(self, ctx: dict[str, Any], path: str) -> "MoESpec":
+        E, k = self.n_experts, self.top_k
+        if E < 1:
+            raise ConfigError(f"{path}.n_experts is required and must be >= 1, got {E!r}")
+        if not 1 <= k <= E:
+            raise ConfigError(f"{path}.top_k must be between 1 and n_experts ({E}), got {k!r}")
+        _positive(path, "hidden_dim", self.hidden_dim, allow_none=False)
+        for name in ("swiglu_limit", "swiglu_alpha", "scaling_factor"):
+            _positive(path, name, getattr(self, name))
+        if self.shared_hidden_dim < 0:
+            raise ConfigError(f"{path}.shared_hidden_dim must be >= 0 (0: no shared expert), got {self.shared_hidden_dim}")
+        if self.aux_loss_coef < 0:
+            raise ConfigError(f"{path}.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
+        G, g = self.n_groups, self.topk_groups
+        if G < 1 or E % G:
+            raise ConfigError(
+                f"{path}.n_groups: n_experts ({E}) must be divisible by n_groups ({G}); "
+                f"valid values: {[d for d in range(1, E + 1) if E % d == 0]}"
+            )
+        if not 1 <= g <= G:
+            raise ConfigError(f"{path}.topk_groups must be between 1 and n_groups ({G}), got {g}")
+        if G > 1 and E // G < 2:
+            raise ConfigError(
+                f"{path}.n_groups ({G}): each group needs at least 2 experts (a group is scored by the sum "
+                f"of its two best experts), but n_experts / n_groups = {E // G}"
+            )
+        if k > g * (E // G):
+            raise ConfigError(
+                f"{path}.top_k ({k}) is more than the {g * (E // G)} experts the topk_groups ({g}) selected "
+                f"groups hold ({E // G} each); raise topk_groups or lower top_k"
+            )
         return self
 
 

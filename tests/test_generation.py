@@ -83,7 +83,7 @@ class ScriptedLM(torch.nn.Module):
         assert max_seq_len <= self.config.max_seq_len
         return {"step": 0}
 
-    def forward(self, input_ids, cache=None, pos=None, attention_mask=None):
+    def forward(self, input_ids, cache=None, pos=None, attention_mask=None, last_only=False):
         self.calls.append(input_ids.clone())
         B, T = input_ids.shape
         k = cache["step"]

@@ -16,6 +16,13 @@ SWAPS = {
     "nope-every-4th": "layers[3::4].position.type=none",
     "qk-norm-off": "attention.qk_norm=none",
     "untied-head": "tie_embeddings=false",
+    "mla": "attention={type: mla, n_heads: 4, q_lora_rank: 48, kv_lora_rank: 32, qk_nope_head_dim: 16, "
+           "qk_rope_head_dim: 8, v_head_dim: 24}",
+    "mla-top-half-null-q": "layers[2:].attention={type: mla, n_heads: 4, kv_lora_rank: 32, qk_nope_head_dim: 16, "
+                           "qk_rope_head_dim: 16, v_head_dim: 16}",
+    "moe": "mlp={type: moe, n_experts: 4, top_k: 2, hidden_dim: 48, normalize: true}",
+    "moe-deepseek-style": "mlp={type: moe, n_experts: 8, top_k: 2, hidden_dim: 32, router: sigmoid, correction_bias: true, "
+                          "n_groups: 4, topk_groups: 2, normalize: true, scaling_factor: 2.0, shared_hidden_dim: 32}",
 }
 
 
@@ -33,6 +40,14 @@ def check_swapped(model, name):
         assert not any(hasattr(b.attn, "q_norm") for b in model.layers)
     elif name == "untied-head":
         assert model.head.weight is not model.embed.weight
+    elif name.startswith("mla"):
+        types = [layer.attention.type for layer in c.layers]
+        assert types == (["mla"] * 4 if name == "mla" else ["gqa", "gqa", "mla", "mla"])
+        dims = model.layers[-1].attn.cache_dims()
+        assert dims == (1, 32 + c.layers[-1].attention.qk_rope_head_dim, 0)  # the latent cache
+    elif name.startswith("moe"):
+        assert all(layer.mlp.type == "moe" for layer in c.layers)
+        assert model.num_active_parameters() < model.num_parameters()
 
 
 @pytest.mark.parametrize("name", list(SWAPS))
@@ -46,6 +61,9 @@ def test_swap_trains_one_step(name):
     assert torch.allclose(loss, manual, atol=1e-6)
     loss.backward()
     for n, p in model.named_parameters():
+        if not p.requires_grad:  # MoE selection-only correction bias: adjusted outside backprop
+            assert n.endswith("router.correction_bias"), n
+            continue
         assert p.grad is not None, f"no gradient for {n}"
         assert torch.isfinite(p.grad).all(), n
         assert p.grad.abs().sum() > 0, f"zero gradient for {n}"

@@ -15,4 +15,4 @@ def build(spec: Spec, **ctx: Any) -> nn.Module:
     return module_class(spec.kind, spec.type)(spec, **ctx)
 
 
-from . import attention, mlp, norm, position  # noqa: E402,F401  (registration side effects)
+from . import attention, mla, mlp, moe, norm, position  # noqa: E402,F401  (registration side effects)

@@ -1,0 +1,243 @@
+"""Sparse mixture of experts: a router sends each token to ``top_k`` of ``n_experts`` gated MLPs.
+
+Sparsely-gated MoE layers come from Shazeer et al. 2017 ("Outrageously Large Neural Networks",
+arXiv 1701.06538); top-k routing with a load-balancing loss from Switch Transformer (arXiv
+2101.03961). Fine-grained experts plus always-on shared experts are DeepSeekMoE (arXiv 2401.06066);
+sigmoid scores with a selection-only correction bias and group-limited routing are DeepSeek-V3
+(arXiv 2412.19437).
+
+=============  ================  ==============================  ============  ===============
+model          router            weights                         experts       shared expert
+=============  ================  ==============================  ============  ===============
+Qwen3-MoE      ``softmax``       softmax probs of the top k,     SwiGLU        none
+                                 renormalised (``normalize``)
+GPT-OSS        ``topk_softmax``  softmax over the k top logits   clamped       none
+               + router bias                                     SwiGLU, bias
+DeepSeek-V3    ``sigmoid``       sigmoid of the top k (picked    SwiGLU        1 (added
+               + correction      with bias, 8 groups keep 4),                  unweighted)
+                                 renormalised, x 2.5
+=============  ================  ==============================  ============  ===============
+
+Parameter names (the weight maps rely on them): ``router.weight`` (E, D), ``router.bias`` (E,),
+``router.correction_bias`` (E,), ``experts.{gate,up}_proj`` (E, F, D), ``experts.down_proj``
+(E, D, F) -- stacked ``nn.Linear`` weights, (E, out, in) -- ``experts.{gate,up}_bias`` (E, F),
+``experts.down_bias`` (E, D), and ``shared.{gate,up,down}_proj.weight`` (a :class:`GatedMLP`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import register_module
+from ..specs import GatedMLPSpec, MoESpec
+from .mlp import ACTIVATIONS, GatedMLP
+
+
+def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
+    """Stand-alone init like ``nn.Linear``'s; :meth:`CausalLM.init_weights` re-initialises in a model."""
+    bound = fan_in**-0.5
+    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Switch Transformer load-balancing loss (arXiv 2101.03961, eqs. 4-6), as ``transformers``
+    computes it (``load_balancing_loss_func`` without an attention mask).
+
+    ``E * sum_e f_e * P_e`` where ``f_e`` is the fraction of (token, slot) assignments that go to
+    expert e under top-k of ``softmax(logits)`` (summed over the k slots, so it totals k), and
+    ``P_e`` the mean router probability of e. With several layers, transformers averages ``f`` and
+    ``P`` over the rows of *all* layers before multiplying (not a sum of per-layer losses). Only
+    ``P`` carries a gradient. Whatever the router type, transformers applies this formula to the
+    softmax of the raw router logits (GPT-OSS: logits including the router bias).
+
+    router_logits: one (N, E) tensor per layer. Returns a float32 scalar (= k when perfectly balanced).
+    """
+    E = router_logits[0].shape[-1]
+    probs = torch.cat([lg.float() for lg in router_logits]).softmax(dim=-1)  # (L*N, E)
+    chosen = probs.topk(top_k, dim=-1).indices  # (L*N, k)
+    tokens_per_expert = F.one_hot(chosen, E).sum(dim=(0, 1)).float() / probs.shape[0]  # (E,)
+    return (tokens_per_expert * probs.mean(dim=0)).sum() * E
+
+
+class Router(nn.Module):
+    """Scores experts for each token and returns the chosen ids with their mixing weights.
+
+    Everything is computed in float32 (float64 for float64 inputs). DeepSeek-V3 does so in its
+    reference; Qwen3-MoE and GPT-OSS compute the logits in the model dtype, which differs only in
+    bf16/fp16 (where a near-tie can then pick a different expert than transformers does).
+    """
+
+    def __init__(self, spec: MoESpec, d_model: int) -> None:
+        super().__init__()
+        E = spec.n_experts
+        self.spec = spec
+        self.weight = _uniform((E, d_model), d_model)
+        self.bias = nn.Parameter(torch.zeros(E)) if spec.router_bias else None  # GPT-OSS
+        # DeepSeek-V3 "auxiliary-loss-free" balancing: a per-expert offset used only to *choose*
+        # experts. Training adjusts it with a sign rule outside backprop (paper, section 2.1.2), so it
+        # gets no gradient; it is a Parameter so that loading and counting treat it like a weight.
+        self.correction_bias = nn.Parameter(torch.zeros(E), requires_grad=False) if spec.correction_bias else None
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """Keep ``correction_bias`` in float32 when the module is cast to bf16/fp16 (transformers:
+        ``_keep_in_fp32_modules_strict``). It decides which experts win; bf16 keeps about three
+        significant digits, so rounding it would flip close choices."""
+        cb = self.correction_bias.data if self.correction_bias is not None else None
+        super()._apply(fn, recurse)
+        new = self.correction_bias
+        if cb is not None and cb.dtype == torch.float32 and new.dtype.is_floating_point and new.dtype.itemsize < 4:
+            new.data = cb.to(new.device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, D) -> logits (N, E), weights (N, k) (both float32, or float64 for float64 x), ids (N, k)."""
+        s = self.spec
+        dt = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        bias = self.bias.to(dt) if self.bias is not None else None
+        logits = F.linear(x.to(dt), self.weight.to(dt), bias)  # (N, E)
+        if s.router == "softmax":  # Qwen3-MoE, Mixtral: probabilities over all experts
+            scores = logits.softmax(dim=-1)
+        elif s.router == "sigmoid":  # DeepSeek-V3: independent per-expert affinities
+            scores = logits.sigmoid()
+        else:  # topk_softmax (GPT-OSS): choose on the raw logits
+            scores = logits
+        choice = scores if self.correction_bias is None else scores + self.correction_bias.to(dt)
+        if s.n_groups > 1:
+            choice = self._limit_groups(choice)
+        ids = choice.topk(s.top_k, dim=-1, sorted=False).indices  # (N, k)
+        weights = scores.gather(-1, ids)  # unbiased scores: the correction bias never weighs outputs
+        if s.router == "topk_softmax":
+            weights = weights.softmax(dim=-1)  # sums to 1 already: `normalize` has nothing to do
+        elif s.normalize and s.router == "softmax":
+            weights = weights / weights.sum(dim=-1, keepdim=True)  # Qwen3-MoE: no epsilon
+        elif s.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # DeepSeek-V3
+        return logits, weights * s.scaling_factor, ids
+
+    def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3 group-limited routing: score each of the G groups of E/G experts by the sum of
+        its two best selection scores, keep the ``topk_groups`` best groups, and make the experts of
+        the others unselectable (-inf, as transformers; DeepSeek's reference code uses 0.0)."""
+        N, E = choice.shape
+        G = self.spec.n_groups
+        grouped = choice.view(N, G, E // G)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+        keep = group_scores.topk(self.spec.topk_groups, dim=-1, sorted=False).indices  # (N, topk_groups)
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)  # (N, G)
+        return grouped.masked_fill(~mask[..., None], float("-inf")).view(N, E)
+
+
+class Experts(nn.Module):
+    """``n_experts`` gated MLPs with stacked weights, applied only to the tokens routed to them."""
+
+    def __init__(self, spec: MoESpec, d_model: int) -> None:
+        super().__init__()
+        E, Fd, D = spec.n_experts, spec.hidden_dim, d_model
+        self.spec = spec
+        self.gate_proj = _uniform((E, Fd, D), D)
+        self.up_proj = _uniform((E, Fd, D), D)
+        self.down_proj = _uniform((E, D, Fd), Fd)
+        if spec.expert_bias:  # GPT-OSS
+            self.gate_bias = nn.Parameter(torch.zeros(E, Fd))
+            self.up_bias = nn.Parameter(torch.zeros(E, Fd))
+            self.down_bias = nn.Parameter(torch.zeros(E, D))
+        else:
+            self.gate_bias = self.up_bias = self.down_bias = None
+        self.act = ACTIVATIONS.get(spec.activation)  # None for clamped_swiglu
+
+    def _bias(self, b: torch.Tensor | None, e: int) -> torch.Tensor | None:
+        return None if b is None else b[e]
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on the tokens x (n, D) -> (n, D)."""
+        gate = F.linear(x, self.gate_proj[e], self._bias(self.gate_bias, e))  # (n, F)
+        up = F.linear(x, self.up_proj[e], self._bias(self.up_bias, e))  # (n, F)
+        if self.act is not None:
+            h = self.act(gate) * up
+        else:  # GPT-OSS: clamp the gate from above only and the up projection both ways; note the +1
+            limit, alpha = self.spec.swiglu_limit, self.spec.swiglu_alpha
+            gate = gate.clamp(max=limit)
+            up = up.clamp(-limit, limit)
+            h = (up + 1) * gate * torch.sigmoid(alpha * gate)
+        return F.linear(h, self.down_proj[e], self._bias(self.down_bias, e))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (N, D), ids (N, k), weights (N, k) -> sum over k of weight * expert(x), (N, D) in x.dtype.
+
+        The N*k (token, slot) pairs are sorted by expert; each expert that got any tokens runs once on
+        the rows gathered for it, and its weighted output is added back with ``index_add_``. Experts
+        run in increasing id order, as in transformers' eager loop.
+        """
+        k = ids.shape[1]
+        flat = ids.reshape(-1)  # (N*k,) pair p = token p // k, slot p % k
+        order = flat.argsort(stable=True)  # pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.spec.n_experts).tolist()  # one host sync
+        tokens = order // k  # (N*k,) token of each sorted pair
+        pair_w = weights.reshape(-1)[order]  # (N*k,)
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tok = tokens[start:start + n]
+            y = self.expert(e, x[tok])  # (n, D)
+            out.index_add_(0, tok, (y * pair_w[start:start + n, None]).to(x.dtype))
+            start += n
+        return out
+
+
+@register_module("mlp", "moe")
+class MoE(nn.Module):
+    """Router + experts (+ an optional always-on shared expert). x (B, T, D) -> (B, T, D).
+
+    The routed output is ``sum_k w_k * expert_{i_k}(x)``; the shared expert's output (DeepSeekMoE)
+    is added without a weight. In training mode, ``aux_loss`` holds ``aux_loss_coef`` times the
+    Switch load-balancing loss of this layer (:func:`load_balancing_loss`) and ``router_logits``
+    the (B*T, E) float32 logits (to combine several layers exactly as transformers does); both are
+    ``None`` in eval mode or when ``aux_loss_coef`` is 0.
+
+    Args:
+        spec: resolved :class:`~llmparts.specs.MoESpec`.
+        d_model: residual width.
+    """
+
+    def __init__(self, spec: MoESpec, d_model: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.router = Router(spec, d_model)
+        self.experts = Experts(spec, d_model)
+        self.shared: GatedMLP | None = None
+        if spec.shared_hidden_dim > 0:
+            act = spec.activation if spec.activation in ACTIVATIONS else "silu"  # no model shares a clamped expert
+            self.shared = GatedMLP(GatedMLPSpec(hidden_dim=spec.shared_hidden_dim, activation=act), d_model)
+        self.aux_loss: torch.Tensor | None = None
+        self.router_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        logits, weights, ids = self.router(flat)  # (N, E), (N, k), (N, k)
+        # transformers casts the weights to the model dtype before weighting (Qwen3-MoE, GPT-OSS) but
+        # keeps DeepSeek-V3's float32 (the product is then rounded once); identical in float32.
+        if self.spec.router != "sigmoid":
+            weights = weights.to(x.dtype)
+        out = self.experts(flat, ids, weights).view(B, T, D)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        if self.training and self.spec.aux_loss_coef > 0:
+            self.router_logits = logits
+            self.aux_loss = self.spec.aux_loss_coef * load_balancing_loss([logits], self.spec.top_k)
+        else:
+            self.router_logits = self.aux_loss = None
+        return out
+
+    def expert_parameters(self) -> int:
+        """Parameters of one routed expert, biases included."""
+        Fd, D = self.spec.hidden_dim, self.experts.down_proj.shape[1]
+        return 3 * Fd * D + ((2 * Fd + D) if self.spec.expert_bias else 0)
+
+    def inactive_parameters(self) -> int:
+        """Expert parameters one token does not use: ``(n_experts - top_k)`` experts' worth."""
+        return (self.spec.n_experts - self.spec.top_k) * self.expert_parameters()
