@@ -4,7 +4,8 @@ Steps, each failing before any weights are read if something is wrong:
 
 0. the source (Hub repo id, directory or ``.gguf`` file) is resolved to a local path;
 1. ``config.json`` (or GGUF metadata) -> the family adapter for its ``model_type`` -> a validated :class:`ModelConfig`;
-2. the safetensors headers (single file or sharded) -> the family's weight map -> an assignment
+2. the safetensors headers (single file or sharded; MXFP4 / block-FP8 tensors presented dequantized,
+   per ``quantization_config``) -> the family's weight map -> an assignment
    checked against the model's parameters (built on the meta device): every tensor consumed or
    ignored with a reason, every parameter filled, every shape equal;
 3. parameters allocated once on the target device and filled tensor by tensor, each cast to the
@@ -24,8 +25,9 @@ from ..errors import CheckpointError, ConfigError, ModelNotFoundError
 from ..model import CausalLM
 from .checkpoint import PickleCheckpoint, SafetensorsCheckpoint
 from .hub import resolve_source
+from .quant import QuantizedCheckpoint, parse_quant_config, wrap_quantized
 from .families import Family, HFConfig, family_for
-from .weight_map import plan_assignment
+from .weight_map import Target, plan_assignment
 
 
 def read_hf_config(directory: Path, strict: bool = True) -> tuple[ModelConfig, dict[str, Any], Family]:
@@ -40,15 +42,23 @@ def read_hf_config(directory: Path, strict: bool = True) -> tuple[ModelConfig, d
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     hf = HFConfig(dict(data), str(path))
+    quant = parse_quant_config(hf.get("quantization_config"), str(path))
     family = family_for(hf.get("model_type"), str(path))
     raw = family.config_from_hf(hf)
+    raw.setdefault("weights", {})["quantization"] = quant
     hf.finish(strict)
     raw.setdefault("name", directory.name)
     try:
-        cfg = ModelConfig.from_dict(raw)
+        cfg = ModelConfig.from_dict(_model_fields(raw))
     except ConfigError as e:
         raise type(e)(f"{path}: {e}") from None
     return cfg, raw, family
+
+
+def _model_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """An adapter's output minus ``weights``: facts about the checkpoint (e.g. which layers hold a
+    training-only module) that its weight map needs but the model config does not describe."""
+    return {k: v for k, v in raw.items() if k != "weights"}
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -88,7 +98,10 @@ def load_pretrained(source: str | Path, dtype: torch.dtype | str | None = None,
         if not allow_pickle or not any(path.glob("*.bin")):
             raise
         ckpt = PickleCheckpoint(path)
+    ckpt = wrap_quantized(ckpt, raw["weights"]["quantization"], str(path), dtype)
     dtype = dtype or ckpt.dominant_dtype() or torch.float32
+    if isinstance(ckpt, QuantizedCheckpoint):
+        ckpt.dtype = dtype  # dequantize straight to the target dtype
     with torch.device("meta"):
         model = CausalLM(cfg)
     model.to(dtype)
@@ -114,7 +127,7 @@ def _gguf_config(f: Any) -> tuple[ModelConfig, dict[str, Any], Family]:
     hf.finish(strict=True)
     raw.setdefault("name", Path(f.path).stem)
     try:
-        return ModelConfig.from_dict(raw), raw, family
+        return ModelConfig.from_dict(_model_fields(raw)), raw, family
     except ConfigError as e:
         raise type(e)(f"{hf.source}: {e}") from None
 
@@ -168,19 +181,27 @@ def fill_model(model: CausalLM, ckpt: Any, rules: list[Any], device: torch.devic
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
     # aliases are optional in the checkpoint: they are cross-checked when present
-    alias_keys = {k: v for k, v in plan.targets.items() if v in aliases}
+    alias_keys = {k: ts[0].param for k, ts in plan.targets.items() if ts[0].param in aliases}
     model.to_empty(device=device or "cpu")
     model.tie_weights()
     params = dict(model.named_parameters())  # to_empty made new parameter objects
-    wanted = set(plan.targets)
+
+    def dest(t: Target) -> torch.Tensor:
+        p = params[t.param]
+        return p if t.index is None else p[t.index]
+
     with torch.no_grad():
-        own = {k for k in wanted if plan.targets[k] not in aliases}
-        if hasattr(ckpt, "read_into"):
-            for key in ckpt.ordered(own):
-                ckpt.read_into(key, params[plan.targets[key]])
-        else:
-            for key, tensor in ckpt.tensors(own):
-                params[plan.targets[key]].copy_(tensor)  # copy_ casts dtype and moves device per tensor
+        own = [k for k in plan.targets if k not in alias_keys]
+        direct = getattr(ckpt, "read_into", None)
+        plain = {k for k in own if direct is not None and len(plan.targets[k]) == 1 and not plan.targets[k][0].ops}
+        if plain:
+            for key in ckpt.ordered(plain):  # straight into the parameter's memory, in file order
+                direct(key, dest(plan.targets[key][0]))
+        rest = set(own) - plain
+        if rest:
+            for key, tensor in ckpt.tensors(rest):
+                for t in plan.targets[key]:
+                    dest(t).copy_(t.apply(tensor))  # copy_ casts dtype and moves device per tensor
         if alias_keys:
             for key, tensor in ckpt.tensors(set(alias_keys)):
                 canon = params[aliases[alias_keys[key]]]

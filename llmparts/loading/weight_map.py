@@ -1,8 +1,15 @@
 """Declarative weight maps: checkpoint tensor names -> llmparts parameter names.
 
 A family's map is a list of rules, pure data. ``Rename(src, dst)`` templates use ``{i}`` (layer),
-``{e}`` (expert) or any ``{name}`` placeholder; ``Ignore(src, reason)`` drops a tensor on purpose and
-says why. :func:`plan_assignment` matches every checkpoint key against the rules and checks the
+``{e}`` (expert), ``{path}`` (any remainder, dots included) or any ``{name}`` placeholder; ``Ignore(src, reason)`` drops a tensor on purpose and
+says why. Beyond renaming, a closed set of tensor operations covers how checkpoints pack weights:
+
+* a destination ending in ``[{e}]`` fills one slice of a stacked parameter (per-expert checkpoint
+  tensors -> ``(E, out, in)`` experts); every slice must be filled exactly once;
+* ``ops`` applied in order to the checkpoint tensor: ``transpose`` (swap the last two dims: ``x @ W``
+  storage -> ``(out, in)``), ``even`` / ``odd`` (every other column of the last dim: interleaved
+  fused projections such as GPT-OSS's gate/up). A tensor may feed several parameters when each rule
+  takes a part of it (``even`` / ``odd``). :func:`plan_assignment` matches every checkpoint key against the rules and checks the
 result against the model's parameters *before anything is loaded*: every tensor consumed or
 explicitly ignored, every parameter filled, every shape equal. Problems are reported grouped by
 template (``layers.{i}.attn.q_norm.weight missing for i in 0..27``).
@@ -12,8 +19,10 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+import torch
 
 from ..errors import CheckpointError
 
@@ -25,27 +34,87 @@ def _compile(template: str) -> re.Pattern[str]:
     for m in _PLACEHOLDER.finditer(template):
         out += re.escape(template[pos : m.start()])
         name = m.group(1)
-        out += rf"(?P<{name}>\d+)" if name in ("i", "e") else rf"(?P<{name}>[A-Za-z0-9_]+)"
+        if name == "path":  # any remainder, dots included (whole sub-trees, e.g. an ignored layer)
+            out += rf"(?P<{name}>.+)"
+        else:
+            out += rf"(?P<{name}>\d+)" if name in ("i", "e") else rf"(?P<{name}>[A-Za-z0-9_]+)"
         pos = m.end()
     return re.compile(out + re.escape(template[pos:]) + r"\Z")
 
 
+# name -> (tensor op, shape op); the only transformations a weight map may apply
+_OPS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[tuple[int, ...]], tuple[int, ...]]]] = {
+    "transpose": (lambda t: t.transpose(-1, -2), lambda s: (*s[:-2], s[-1], s[-2])),
+    "even": (lambda t: t[..., 0::2], lambda s: (*s[:-1], (s[-1] + 1) // 2)),
+    "odd": (lambda t: t[..., 1::2], lambda s: (*s[:-1], s[-1] // 2)),
+}
+_PARTS = {"even", "odd"}
+_INDEX = re.compile(r"^(.*)\[(\d+)\]$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where (part of) one checkpoint tensor goes: a parameter, optionally one slice of it, after ``ops``."""
+
+    param: str
+    index: int | None = None
+    ops: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return self.param + ("" if self.index is None else f"[{self.index}]")
+
+    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        for op in self.ops:
+            tensor = _OPS[op][0](tensor)
+        return tensor
+
+    def shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        for op in self.ops:
+            shape = _OPS[op][1](shape)
+        return tuple(shape)
+
+
 @dataclass(frozen=True)
 class Rename:
-    """Checkpoint tensor ``src`` becomes parameter ``dst`` (both templates, same placeholders)."""
+    """Checkpoint tensor ``src`` becomes parameter ``dst`` (both templates, same placeholders).
+
+    ``dst`` ending in ``[{e}]`` fills slice ``e`` of a stacked parameter; ``ops`` (``transpose``,
+    ``even``, ``odd``) are applied to the tensor first.
+    """
 
     src: str
     dst: str
+    ops: tuple[str, ...] = ()
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        bad = [op for op in self.ops if op not in _OPS]
+        if bad:
+            raise ValueError(f"unknown weight-map op(s) {bad}; known: {', '.join(_OPS)}")
         object.__setattr__(self, "pattern", _compile(self.src))
 
-    def match(self, key: str) -> str | None:
+    @property
+    def is_part(self) -> bool:
+        return any(op in _PARTS for op in self.ops)
+
+    def target(self, key: str) -> Target | None:
         m = self.pattern.match(key)
-        return self.dst.format(**m.groupdict()) if m else None
+        if not m:
+            return None
+        name = self.dst.format(**m.groupdict())
+        idx = _INDEX.match(name)
+        if idx:
+            return Target(idx.group(1), int(idx.group(2)), self.ops)
+        return Target(name, None, self.ops)
+
+    def match(self, key: str) -> str | None:
+        t = self.target(key)
+        return None if t is None else str(t)
 
     def reverse(self, name: str) -> str | None:
+        """The checkpoint name of parameter ``name`` (plain renames only; packed tensors have none)."""
+        if self.ops or "[" in self.dst:
+            return None
         m = _compile(self.dst).match(name)
         return self.src.format(**m.groupdict()) if m else None
 
@@ -88,9 +157,7 @@ def group_names(names: Iterable[str]) -> list[str]:
             groups[t].append(int(i))
     out = sorted(singles)
     for t, idx in sorted(groups.items()):
-        idx = sorted(set(idx))
-        span = f"{idx[0]}..{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) and len(idx) > 1 else ",".join(map(str, idx))
-        out.append(f"{t} for i in {span}")
+        out.append(f"{t} for i in {_span(idx)}")
     return out
 
 
@@ -98,8 +165,36 @@ def group_names(names: Iterable[str]) -> list[str]:
 class Assignment:
     """The result of matching a checkpoint against a model: what goes where, what is skipped."""
 
-    targets: dict[str, str]  # checkpoint key -> parameter name
+    targets: dict[str, tuple[Target, ...]]  # checkpoint key -> where its tensor (or its parts) go
     ignored: dict[str, str]  # checkpoint key -> reason
+
+
+def _span(idx: list[int]) -> str:
+    idx = sorted(set(idx))
+    if len(idx) > 1 and idx == list(range(idx[0], idx[-1] + 1)):
+        return f"{idx[0]}..{idx[-1]}"
+    return ",".join(map(str, idx))
+
+
+def match_key(rules: list[Rule], key: str) -> tuple[Target, ...] | str | None:
+    """Targets of checkpoint ``key``; an Ignore reason (str); or None when no rule matches.
+
+    The first matching rule decides, except that rules taking a part (``even``/``odd``) of a
+    tensor collect every other matching part rule too.
+    """
+    found: list[Target] = []
+    for rule in rules:
+        if isinstance(rule, Ignore):
+            if not found and rule.match(key):
+                return rule.reason
+            continue
+        t = rule.target(key)
+        if t is None or (found and not rule.is_part):
+            continue
+        found.append(t)
+        if not rule.is_part:
+            break
+    return tuple(found) if found else None
 
 
 def plan_assignment(
@@ -114,37 +209,61 @@ def plan_assignment(
     ``hints`` maps a parameter name to an explanation appended when it is missing; ``optional``
     parameters (second names of tied weights) may be absent.
     """
-    targets: dict[str, str] = {}
+    targets: dict[str, tuple[Target, ...]] = {}
     ignored: dict[str, str] = {}
     unexpected: list[str] = []
     no_param: list[str] = []
     bad_shape: list[str] = []
-    filled: dict[str, str] = {}
+    filled: dict[str, str] = {}  # param name, or "param[index]" for one slice -> checkpoint key
+    slices: dict[str, list[int]] = defaultdict(list)
     mismatched: set[str] = set()
     for key, shape in checkpoint.items():
-        for rule in rules:
-            if isinstance(rule, Ignore):
-                if rule.match(key):
-                    ignored[key] = rule.reason
-                    break
-                continue
-            dst = rule.match(key)
-            if dst is None:
-                continue
-            if dst not in params:
-                no_param.append(f"{key} -> {dst}")
-            elif tuple(shape) != tuple(params[dst]):
-                mismatched.add(dst)
-                bad_shape.append(f"{key}: checkpoint {tuple(shape)} vs parameter {dst} {tuple(params[dst])}")
-            elif dst in filled:
-                bad_shape.append(f"{key} and {filled[dst]} both map to {dst}")
-            else:
-                targets[key] = dst
-                filled[dst] = key
-            break
-        else:
+        found = match_key(rules, key)
+        if found is None:
             unexpected.append(key)
-    missing = [p for p in params if p not in filled and p not in optional and p not in mismatched]
+            continue
+        if isinstance(found, str):
+            ignored[key] = found
+            continue
+        ok = []
+        for t in found:
+            if t.param not in params:
+                no_param.append(f"{key} -> {t}")
+                continue
+            full = tuple(params[t.param])
+            want = full if t.index is None else full[1:]
+            if t.index is not None and not (len(full) >= 1 and t.index < full[0]):
+                no_param.append(f"{key} -> {t} (the parameter has {full[0] if full else 0} slices)")
+                continue
+            got = t.shape(tuple(shape))
+            if got != want:
+                mismatched.add(t.param)
+                how = f" ({'+'.join(t.ops)}: {got})" if t.ops else ""
+                bad_shape.append(f"{key}: checkpoint {tuple(shape)}{how} vs parameter {t} {want}")
+                continue
+            slot = str(t)
+            clash = filled.get(slot) or (filled.get(t.param) if t.index is not None else None)
+            if clash is None and t.index is None and slices.get(t.param):
+                clash = filled[f"{t.param}[{slices[t.param][0]}]"]
+            if clash is not None:
+                bad_shape.append(f"{key} and {clash} both map to {slot}")
+                continue
+            filled[slot] = key
+            if t.index is not None:
+                slices[t.param].append(t.index)
+            ok.append(t)
+        if ok:
+            targets[key] = tuple(ok)
+    missing = []
+    for p, shape in params.items():
+        if p in filled or p in optional or p in mismatched:
+            continue
+        if p in slices:
+            absent = sorted(set(range(shape[0])) - set(slices[p]))
+            if absent:
+                missing.append(f"{p}[{_span(absent)}]")
+            continue
+        missing.append(p)
     problems: list[str] = []
     if unexpected:
         problems.append("unexpected tensors (no rule maps them):\n    " + "\n    ".join(group_names(unexpected)))

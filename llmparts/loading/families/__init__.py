@@ -36,6 +36,8 @@ METADATA_KEYS: dict[str, str] = {
     )
 }
 METADATA_KEYS["attention_dropout"] = "dropout only acts in training"
+METADATA_KEYS["auto_map"] = "remote-code class names; llmparts never runs remote code"
+METADATA_KEYS["output_router_logits"] = "whether transformers returns router logits; no effect on the logits"
 METADATA_KEYS["pretraining_tp"] = "tensor-parallel hint of the original training; forward is unchanged"
 
 
@@ -103,7 +105,7 @@ def register_family(family: Family) -> Family:
 
 
 def family_for(model_type: Any, source: str = "config.json") -> Family:
-    from . import gemma3, llama, mistral, olmo2, olmo3, qwen3, smollm3  # noqa: F401  (registration)
+    from . import deepseek, gemma3, gpt_oss, llama, mistral, olmo2, olmo3, qwen3, qwen3_moe, smollm3  # noqa: F401
 
     if not isinstance(model_type, str) or model_type not in _FAMILIES:
         raise UnsupportedModelError(

@@ -216,3 +216,21 @@ def dense_to_hf(cfg: Any) -> dict[str, Any]:
         "rms_norm_eps": cfg.norm.eps,
         "tie_word_embeddings": cfg.tie_embeddings,
     }
+
+
+def one_of(hf: HFConfig, keys: tuple[str, ...], default: Any) -> Any:
+    """The value of the first of several alias keys present (``num_experts`` / ``num_local_experts``);
+    all aliases are consumed, and two present with different values is an error."""
+    present = [(k, hf.get(k)) for k in keys if k in hf]
+    for k in keys:
+        hf.get(k)
+    if len({repr(v) for _, v in present}) > 1:
+        raise ConfigError(
+            f"{hf.source}: {' and '.join(f'{k}={v!r}' for k, v in present)} are aliases of one field but disagree"
+        )
+    return present[0][1] if present else default
+
+
+def moe_dense_overrides(layers: list[int], dense_mlp: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-layer override that gives the dense layers of a mixture-of-experts model their MLP."""
+    return [{"layers": layers, "mlp": dense_mlp}] if layers else []

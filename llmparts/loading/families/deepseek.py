@@ -1,0 +1,143 @@
+"""DeepSeek-V2 / V3 (``model_type: deepseek_v2``, ``deepseek_v3``; Kimi K2 is ``kimi_k2`` with the V3
+architecture): multi-head latent attention and DeepSeekMoE.
+
+* attention is MLA (``attention.type: mla``): ``q_lora_rank`` (null: one full query projection,
+  V2-Lite), ``kv_lora_rank``, ``qk_nope_head_dim`` + ``qk_rope_head_dim`` per query/key head,
+  ``v_head_dim``; the latent norms use eps 1e-6 whatever ``rms_norm_eps`` says (transformers builds
+  them with the default); RoPE rotates only the rope dims, in interleaved pairs (V3:
+  ``rope_interleave``; V2 multiplies complex pairs, the same thing); YaRN's ``mscale_all_dim``
+  goes into the softmax scale (resolved by the MLA spec);
+* layers ``< first_k_dense_replace`` have a dense MLP of ``intermediate_size``; the others a mixture of
+  ``n_routed_experts`` plus ``n_shared_experts * moe_intermediate_size`` of always-on shared experts;
+* V3 router: sigmoid scores, ``e_score_correction_bias`` for selection only, group-limited selection
+  (``n_group``, ``topk_group``), ``norm_topk_prob``, ``routed_scaling_factor``; V2 router: softmax,
+  ``topk_method: greedy`` (``group_limited_greedy`` scores groups differently and is refused), no
+  renormalisation, ``routed_scaling_factor``;
+* checkpoint layer ``num_hidden_layers`` onwards (``num_nextn_predict_layers`` of them) is V3's
+  multi-token-prediction module, only used in training: ignored with that reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...errors import ConfigError, UnsupportedModelError
+from ..weight_map import Ignore, Rename, Rule
+from . import Family, HFConfig, register_family
+from .common import llama_rules, moe_dense_overrides, one_of, rope_from_hf
+from .qwen3_moe import moe_rules
+
+
+def _deepseek(hf: HFConfig, version: int) -> dict[str, Any]:
+    n_heads = hf.require("num_attention_heads")
+    n_kv = hf.get("num_key_value_heads", n_heads)
+    if n_kv != n_heads:
+        raise UnsupportedModelError(
+            f"{hf.source}: num_key_value_heads={n_kv} != num_attention_heads={n_heads}; MLA expands keys and "
+            "values per query head, and transformers would repeat them again: set num_key_value_heads to "
+            f"{n_heads} (it has no other effect)"
+        )
+    nope, rope, v = hf.require("qk_nope_head_dim"), hf.require("qk_rope_head_dim"), hf.require("v_head_dim")
+    qk_head_dim = hf.get("qk_head_dim", nope + rope)
+    if qk_head_dim != nope + rope:
+        raise ConfigError(
+            f"{hf.source}: MLA dims do not add up: qk_head_dim ({qk_head_dim}) must equal qk_nope_head_dim "
+            f"({nope}) + qk_rope_head_dim ({rope})"
+        )
+    head_dim = hf.get("head_dim", rope)  # transformers sets it to qk_rope_head_dim (the rotary width)
+    if head_dim != rope:
+        raise ConfigError(
+            f"{hf.source}: head_dim ({head_dim}) must equal qk_rope_head_dim ({rope}) for DeepSeek models "
+            "(transformers uses it as the RoPE width)"
+        )
+    interleave = hf.get("rope_interleave", True) if version == 3 else True
+    act = hf.expect("hidden_act", ("silu",), "DeepSeek MLPs use silu")
+    hf.expect("mlp_bias", (False,), "DeepSeek MLPs have no bias")
+    position = rope_from_hf(hf, 10000.0)
+    position["layout"] = "interleaved" if interleave else "half"
+    n_layers = hf.require("num_hidden_layers")
+    bias = bool(hf.get("attention_bias", False))
+    cfg: dict[str, Any] = {
+        "vocab_size": hf.require("vocab_size"),
+        "d_model": hf.require("hidden_size"),
+        "n_layers": n_layers,
+        "max_seq_len": hf.require("max_position_embeddings"),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "attention": {
+            "type": "mla",
+            "n_heads": n_heads,
+            "q_lora_rank": hf.get("q_lora_rank"),
+            "kv_lora_rank": hf.require("kv_lora_rank"),
+            "qk_nope_head_dim": nope,
+            "qk_rope_head_dim": rope,
+            "v_head_dim": v,
+            "bias": bias,
+            "latent_norm_eps": 1e-6,  # DeepseekV{2,3}RMSNorm(rank) with its default eps
+        },
+        "position": position,
+        "norm": {"type": "rmsnorm", "eps": float(hf.get("rms_norm_eps", 1e-6))},
+    }
+    dense = {"type": "gated", "hidden_dim": hf.require("intermediate_size"), "activation": act}
+    n_experts = one_of(hf, ("n_routed_experts", "num_local_experts", "num_experts"), None)
+    first_dense = hf.get("first_k_dense_replace", 0)
+    freq = hf.get("moe_layer_freq", 1)
+    if freq != 1:
+        raise UnsupportedModelError(f"{hf.source}: moe_layer_freq={freq} is not supported (transformers ignores it; only 1 is unambiguous)")
+    hf.get("ep_size")  # expert-parallel degree of the original training code: no effect on the function
+    hf.get("aux_loss_alpha")  # training-only
+    hf.get("seq_aux")
+    if not n_experts:
+        cfg["mlp"] = dense
+        return cfg
+    shared = hf.get("n_shared_experts", 0) or 0
+    moe: dict[str, Any] = {
+        "type": "moe",
+        "n_experts": n_experts,
+        "top_k": hf.require("num_experts_per_tok"),
+        "hidden_dim": hf.require("moe_intermediate_size"),
+        "activation": act,
+        "scaling_factor": float(hf.get("routed_scaling_factor", 1.0)),
+        "shared_hidden_dim": shared * hf.require("moe_intermediate_size"),
+    }
+    if version == 3:
+        hf.expect("scoring_func", ("sigmoid",), "DeepSeek-V3 routes with sigmoid scores")
+        hf.expect("topk_method", ("noaux_tc",), "DeepSeek-V3 selects with the correction bias (noaux_tc)")
+        moe.update(router="sigmoid", correction_bias=True, normalize=bool(hf.get("norm_topk_prob", True)),
+                   n_groups=hf.get("n_group", 1), topk_groups=hf.get("topk_group", 1))
+    else:
+        hf.expect("scoring_func", ("softmax",), "DeepSeek-V2 routes with softmax scores")
+        hf.expect("topk_method", ("greedy",), "only greedy top-k is supported for DeepSeek-V2 "
+                  "(group_limited_greedy scores groups by their max, which llmparts does not implement)")
+        hf.get("n_group")
+        hf.get("topk_group")
+        if hf.get("norm_topk_prob", False):
+            raise UnsupportedModelError(f"{hf.source}: norm_topk_prob=true: transformers' DeepSeek-V2 ignores it; refusing the ambiguity")
+        moe.update(router="softmax", normalize=False)
+    cfg["mlp"] = moe
+    if not isinstance(first_dense, int) or not 0 <= first_dense <= n_layers:
+        raise ConfigError(f"{hf.source}: first_k_dense_replace must be an integer in [0, {n_layers}], got {first_dense!r}")
+    cfg["overrides"] = moe_dense_overrides(list(range(first_dense)), dense)
+    mtp = hf.get("num_nextn_predict_layers", 0) if version == 3 else 0
+    cfg["weights"] = {"mtp_layers": list(range(n_layers, n_layers + (mtp or 0)))}
+    return cfg
+
+
+def deepseek_rules(cfg: dict[str, Any]) -> list[Rule]:
+    rules: list[Rule] = [
+        Ignore(f"model.layers.{i}.{{path}}", "multi-token-prediction module (DeepSeek-V3 num_nextn_predict_layers): "
+               "used only for training and speculative decoding")
+        for i in cfg.get("weights", {}).get("mtp_layers", [])
+    ]
+    rules += [
+        Rename("model.layers.{i}.self_attn.kv_a_proj_with_mqa.{w}", "layers.{i}.attn.kv_a_proj.{w}"),
+        Rename("model.layers.{i}.self_attn.{p}_layernorm.weight", "layers.{i}.attn.{p}_norm.weight"),
+        *moe_rules(correction="e_score_correction_bias", shared="shared_experts"),
+        *llama_rules(cfg["tie_embeddings"]),
+    ]
+    return rules
+
+
+register_family(Family(model_types=("deepseek_v3", "kimi_k2"), config_from_hf=lambda hf: _deepseek(hf, 3),
+                       weight_rules=deepseek_rules))
+register_family(Family(model_types=("deepseek_v2",), config_from_hf=lambda hf: _deepseek(hf, 2),
+                       weight_rules=deepseek_rules))
