@@ -119,6 +119,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .model import build_model
 
     source = args.source
+    if source == "all":
+        return _inspect_all(args)
     if source in shipped_configs() or source.endswith((".yaml", ".yml")):
         cfg = load_config(source, args.override)
     else:
@@ -129,9 +131,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             cfg = cfg.with_overrides(args.override)
     print(describe(cfg))
     meta = build_model(cfg, device="meta")
-    per_token = sum(2 * n * k for n, k, _ in (b.attn.cache_dims() for b in meta.layers))
+    per_token = meta.cache_values_per_token()
     print(f"  KV cache: {per_token * 2:,} bytes per token in bfloat16 ({per_token * 4:,} in float32); "
           "window layers hold at most `window` tokens")
+    return 0
+
+
+def _inspect_all(args: argparse.Namespace) -> int:
+    """One line per shipped config: parameters, active parameters per token, KV-cache bytes per token."""
+    from .config import load_config, shipped_configs
+    from .model import build_model
+
+    print(f"{'config':<18} {'attention':<9} {'parameters':>17} {'active/token':>17} {'KV bytes/token (bf16)':>22}")
+    for name in sorted(n for n in shipped_configs() if "/" not in n):
+        meta = build_model(load_config(name, args.override), device="meta")
+        kinds = "+".join(sorted({b.attn.spec.type for b in meta.layers}))
+        print(f"{name:<18} {kinds:<9} {meta.num_parameters():>17,} {meta.num_active_parameters():>17,} "
+              f"{meta.cache_values_per_token() * 2:>22,}")
+    print("window layers stop growing at `window` tokens; MLA caches one latent per token per layer")
     return 0
 
 
@@ -171,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inspect", help="resolved layers, parameter count and KV-cache size of a config or model")
-    p.add_argument("source", help="shipped config name, YAML path, HF directory, .gguf file or Hub repo id")
+    p.add_argument("source", help="shipped config name, YAML path, HF directory, .gguf file, Hub repo id, "
+                   "or 'all' for a table of every shipped config")
     p.add_argument("--override", "-o", action="append", default=None, help="e.g. attention.window=512")
     p.set_defaults(func=cmd_inspect)
 
@@ -181,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_convert)
 
+    sub.add_parser("bench", help="benchmark against transformers (llmparts bench --help)", add_help=False)
+
     p = sub.add_parser("download", help="download a Hub model's config, tokenizer and safetensors")
     p.add_argument("repo_id")
     p.add_argument("--revision", default=None)
@@ -189,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser (also scripts/benchmark.py)
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

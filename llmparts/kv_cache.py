@@ -48,8 +48,11 @@ class LayerKV:
     def __init__(self, window: int | None, n_slots: int, B: int, n_kv: int, k_dim: int, v_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None) -> None:
         self.window = window
-        self.k = torch.zeros(B, n_kv, n_slots, k_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(B, n_kv, n_slots, v_dim, dtype=dtype, device=device)
+        # A full buffer is only ever read up to the cached length: left uninitialised (no zero-fill
+        # pass over a long cache). A ring is read whole, masked: zeros keep 0 * value finite.
+        alloc = torch.empty if window is None else torch.zeros
+        self.k = alloc(B, n_kv, n_slots, k_dim, dtype=dtype, device=device)
+        self.v = alloc(B, n_kv, n_slots, v_dim, dtype=dtype, device=device)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's (B, H, T, D) keys/values; return everything the queries attend over."""

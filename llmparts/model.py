@@ -16,6 +16,7 @@ from .config import LayerSpec, ModelConfig, load_config
 from .errors import ConfigError, ContextLengthError, InputError
 from .kv_cache import KVCache, StepPlan, plan_without_cache
 from .modules import build
+from .modules.linear import MATVEC_MAX_ROWS, Linear
 from .modules.position import Tables
 
 
@@ -61,8 +62,60 @@ class Block(nn.Module):
                 kv: Any = None, start: int = 0) -> torch.Tensor:
         h = self.attn(self.attn_norm(x) if self.pre else x, position, tables, plan, kv, start)
         x = x + (self.attn_out_norm(h) if self.post else h)
-        h = self.mlp(self.mlp_norm(x) if self.pre else x)
-        return x + (self.mlp_out_norm(h) if self.post else h)
+        return _mlp_branch(self, x)
+
+    def decode(self, x: torch.Tensor, position: nn.Module, tables: Tables, plan: StepPlan, kv: Any, start: int,
+               parts: dict[str, Any]) -> torch.Tensor:
+        """:meth:`forward` for one decode step, running the projections through compiled ``parts``.
+
+        Attention modules with ``project``/``attend`` (GQA) have their projections compiled; others
+        (MLA) run eagerly. An MLP with ``compilable = False`` runs eagerly, with ``"decode"`` (MoE,
+        whose prefill dispatch is data-dependent) only single-token steps are compiled.
+        """
+        mlp_compiles = getattr(self.mlp, "compilable", True)  # True, False, or "decode": single steps only
+        if mlp_compiles == "decode":
+            mlp_compiles = parts is not None and parts.get("single_step", False)
+        if hasattr(self.attn, "project"):
+            q, k, v = parts["attn_in"](self, x, position, tables)
+            attn = self.attn.attend(q, k, v, plan, kv, start)
+            if mlp_compiles:  # one graph for the rest of the block
+                return parts["attn_out_mlp"](self, x, attn)
+            x = parts["attn_out"](self, x, attn)
+        else:
+            h = self.attn(self.attn_norm(x) if self.pre else x, position, tables, plan, kv, start)
+            x = x + (self.attn_out_norm(h) if self.post else h)
+        return parts["mlp"](self, x) if mlp_compiles else _mlp_branch(self, x)
+
+
+# ------------------------------------------------------------------ compiled decode-step parts
+# Module-level functions of (block, tensors): torch.compile traces each once and reuses the graph for
+# every block with the same structure (parameters are graph inputs), so a 28-layer model compiles
+# a few small graphs, not one per layer. The cache update and attention stay eager: their shapes
+# grow each step.
+def _attn_in(block: "Block", x: torch.Tensor, position: nn.Module, tables: Tables) -> tuple[torch.Tensor, ...]:
+    return block.attn.project(block.attn_norm(x) if block.pre else x, position, tables)
+
+
+def _attn_out(block: "Block", x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    h = block.attn.o_proj(attn)
+    return x + (block.attn_out_norm(h) if block.post else h)
+
+
+def _mlp_branch(block: "Block", x: torch.Tensor) -> torch.Tensor:
+    h = block.mlp(block.mlp_norm(x) if block.pre else x)
+    return x + (block.mlp_out_norm(h) if block.post else h)
+
+
+def _attn_out_mlp(block: "Block", x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    return _mlp_branch(block, _attn_out(block, x, attn))
+
+
+def _head(model: "CausalLM", x: torch.Tensor) -> torch.Tensor:
+    return model.head(model.final_norm(x)).float()
+
+
+_DECODE_PARTS = {"attn_in": _attn_in, "attn_out": _attn_out, "mlp": _mlp_branch, "attn_out_mlp": _attn_out_mlp,
+                 "head": _head}
 
 
 class CausalLM(nn.Module):
@@ -81,7 +134,7 @@ class CausalLM(nn.Module):
         self.embed = Embedding(config.vocab_size, config.d_model, config.embedding.scale)  # type: ignore[attr-defined]
         self.layers = nn.ModuleList(Block(spec, config.d_model, i) for i, spec in enumerate(config.layers))
         self.final_norm = build(config.final_norm, dim=config.d_model)
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head = Linear(config.d_model, config.vocab_size, bias=False)
         # One position module per distinct spec: layers sharing it share the cos/sin tables.
         self.positions = nn.ModuleDict()
         self._position_key: list[str] = []
@@ -92,6 +145,8 @@ class CausalLM(nn.Module):
                 self.positions[keys[spec.position]] = build(spec.position)
             self._position_key.append(keys[spec.position])
         self.tie_weights()
+        self._decode_parts: dict[str, Any] | None = None  # set by compile_decode()
+        self._prefill_parts: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------ parameters
     def tie_weights(self) -> None:
@@ -153,6 +208,50 @@ class CausalLM(nn.Module):
         stop growing at ``window`` tokens)."""
         return sum(n * (k + v) for n, k, v in (b.attn.cache_dims() for b in self.layers))
 
+    # ---------------------------------------------------------------------------- compilation
+    def compile_decode(self, check: bool = True) -> bool:
+        """Compile the generation step with ``torch.compile`` (inductor): the per-layer projections,
+        MLPs and head, once for single-token decode steps and once (with a dynamic length) for prefill.
+
+        Decode multiplies every weight by one vector: compiled, those products become streaming
+        reductions near the memory bandwidth (:mod:`llmparts.modules.linear`); in prefill the matmuls
+        stay BLAS calls and the elementwise ops between them (norms, RoPE, activations, residuals)
+        fuse. Only inference (no gradients) uses the compiled parts; training runs eagerly. Trial
+        steps run at once (compiling takes seconds to a minute); if compilation fails here (no C++
+        compiler, unsupported platform) or, with ``check``, its logits differ from the eager ones, a
+        warning is given and the model stays eager. Returns whether the compiled parts are in use.
+        """
+        import warnings
+
+        self._decode_parts = self._prefill_parts = None
+        decode: dict[str, Any] = {name: torch.compile(fn, dynamic=False) for name, fn in _DECODE_PARTS.items()}
+        prefill: dict[str, Any] = {name: torch.compile(fn, dynamic=True) for name, fn in _DECODE_PARTS.items()}
+        decode["single_step"], prefill["single_step"] = True, False
+
+        def trial() -> list[torch.Tensor]:
+            ids = torch.zeros(1, 5, dtype=torch.long, device=self.device)
+            cache = self.make_cache(1, 5)
+            return [self(ids[:, :3], cache=cache), self(ids[:, 3:4], cache=cache), self(ids[:, 4:], cache=cache)]
+
+        try:
+            with torch.no_grad():
+                eager = trial()
+                self._decode_parts, self._prefill_parts = decode, prefill
+                compiled = trial()
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: stay eager
+            self._decode_parts = self._prefill_parts = None
+            warnings.warn(f"compile_decode: torch.compile failed here, decoding stays eager ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})", stacklevel=2)
+            return False
+        for a, b in zip(eager, compiled):
+            tol = 1e-3 if self.dtype == torch.float32 else 0.1 * float(a.abs().max())
+            if check and not (a - b).abs().max().item() <= tol:
+                self._decode_parts = self._prefill_parts = None
+                warnings.warn("compile_decode: compiled logits differ from eager ones; decoding stays eager",
+                              stacklevel=2)
+                return False
+        return True
+
     # --------------------------------------------------------------------------------- forward
     def _positions(self, input_ids: torch.Tensor, cache: KVCache | None, pos: Any,
                    attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
@@ -212,17 +311,24 @@ class CausalLM(nn.Module):
         else:
             plans = {w: plan_without_cache(q_pos, w, contiguous) for w in windows}
             start = 0
+        parts = None  # compiled parts (compile_decode) serve inference only
+        if self._decode_parts is not None and not torch.is_grad_enabled():
+            parts = self._decode_parts if T == 1 and B <= MATVEC_MAX_ROWS else self._prefill_parts
         for i, block in enumerate(self.layers):
             key = self._position_key[i]
             kv = cache.layers[i] if cache is not None else None
-            x = block(x, self.positions[key], tables[key], plans[block.attn.spec.window], kv, start)
+            plan = plans[block.attn.spec.window]
+            if parts is None:
+                x = block(x, self.positions[key], tables[key], plan, kv, start)
+            else:
+                x = block.decode(x, self.positions[key], tables[key], plan, kv, start, parts)
         if cache is not None:
             cache.commit(q_pos)
         if last_only:  # generation needs only the next token's logits: skip the head on the rest
             if labels is not None:
                 raise InputError("last_only=True computes no logits for the labels; drop one of them")
             x = x[:, -1:]
-        logits = self.head(self.final_norm(x)).float()
+        logits = (parts["head"] if parts is not None else _head)(self, x)
         if self.config.logit_softcap is not None:
             c = self.config.logit_softcap
             logits = c * torch.tanh(logits / c)

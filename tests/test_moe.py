@@ -362,3 +362,18 @@ def test_in_a_model_active_parameters_and_init():
     mlp = model.layers[0].mlp
     assert isinstance(mlp, MoE) and mlp.experts.gate_proj.std() > 0
     assert torch.equal(mlp.router.correction_bias, torch.zeros(4))
+
+
+@pytest.mark.parametrize("name", ["softmax_normalize", "topk_softmax_gptoss", "sigmoid_deepseek", "gelu_tanh_shared_bias"])
+def test_grouped_matmul_path_equals_expert_loop(name):
+    """Inference on many tokens runs all experts as grouped matmuls; with gradients the per-expert
+    loop runs. Both give the same output."""
+    from llmparts.modules.moe import GROUPED_MIN_ROWS
+
+    moe = make(**CASES[name]).eval()
+    x = torch.randn(2, GROUPED_MIN_ROWS, D)
+    with torch.no_grad():
+        grouped = moe(x)
+    with torch.enable_grad():
+        loop = moe(x)
+    assert (grouped - loop.detach()).abs().max().item() <= 1e-5 * max(1.0, loop.abs().max().item())

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..kv_cache import LayerKV, StepPlan
 from ..registry import register_module
+from .linear import Linear
 from ..specs import AttentionSpec, Spec
 from .position import Tables
 
@@ -45,6 +46,35 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return out.view(B, H, T, v.shape[-1])
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """Attention for a few query tokens on CPU, as two batched matmuls per kv head.
+
+    SDPA's CPU kernel is built for long queries: for one decode token it reads a long cache slowly
+    (float32, 4096 keys: 4 ms per layer against 1.8 here) and bfloat16 is slower still (7.5 ms
+    against 0.7), measured on the benchmark machine (docs/benchmarks.md). The query heads sharing a
+    kv head are folded into rows; float32 reads the keys as ``k @ q^T`` (rows of k contiguous), other
+    dtypes as ``q @ k^T``. Softmax in float32; mask (B, 1, T, S) bool as in :func:`eager_attention`.
+    """
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    qg = q.view(B, K, G * T, D)  # row g * T + t: query head k * G + g, token t
+    if q.dtype == torch.float32:
+        scores = (k @ qg.transpose(-1, -2)).transpose(-1, -2)  # (B, K, G*T, S)
+    else:
+        scores = qg @ k.transpose(-1, -2)
+    scores = scores.float() * scale
+    if mask is not None:
+        m = mask.expand(B, 1, T, S)[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
+        scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    return (probs @ v).view(B, H, T, v.shape[-1])
+
+
+DECODE_MAX_QUERIES = 16  # query rows (heads per kv head x tokens) up to which CPU attention uses decode_attention
+
+
 @register_module("attention", "gqa")
 class Attention(nn.Module):
     """Multi-head attention with ``n_kv_heads`` shared key/value heads (Ainslie et al. 2023).
@@ -63,10 +93,10 @@ class Attention(nn.Module):
         H, K, D = spec.n_heads, spec.n_kv_heads or spec.n_heads, spec.head_dim or 0
         self.n_heads, self.n_kv_heads, self.head_dim = H, K, D
         self.scale = spec.scale if spec.scale is not None else D**-0.5
-        self.q_proj = nn.Linear(d_model, H * D, bias=spec.qkv_bias)
-        self.k_proj = nn.Linear(d_model, K * D, bias=spec.qkv_bias)
-        self.v_proj = nn.Linear(d_model, K * D, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(H * D, d_model, bias=spec.out_bias)
+        self.q_proj = Linear(d_model, H * D, bias=spec.qkv_bias)
+        self.k_proj = Linear(d_model, K * D, bias=spec.qkv_bias)
+        self.v_proj = Linear(d_model, K * D, bias=spec.qkv_bias)
+        self.o_proj = Linear(H * D, d_model, bias=spec.out_bias)
         if spec.qk_norm == "per_head":  # Qwen3, Gemma3: one weight of head_dim shared by all heads
             self.q_norm, self.k_norm = build(norm, dim=D), build(norm, dim=D)
         elif spec.qk_norm == "full":  # OLMo2: over the whole projected width, before the head split
@@ -77,38 +107,52 @@ class Attention(nn.Module):
         return self.n_kv_heads, self.head_dim, self.head_dim
 
     def _qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, T, H, D), k (B, T, K, D), before the heads move to dim 1."""
         if self.spec.qk_norm == "per_head":
             return self.q_norm(q), self.k_norm(k)
-        B, H, T, D = q.shape  # full width: norm over (H * D) per token, then split heads again
-        q = self.q_norm(q.transpose(1, 2).reshape(B, T, H * D)).view(B, T, H, D).transpose(1, 2)
-        K = k.shape[1]
-        k = self.k_norm(k.transpose(1, 2).reshape(B, T, K * D)).view(B, T, K, D).transpose(1, 2)
-        return q, k
+        B, T, H, D = q.shape  # full width (OLMo2): norm over (H * D) per token, then split heads again
+        K = k.shape[2]
+        return self.q_norm(q.reshape(B, T, H * D)).view(B, T, H, D), self.k_norm(k.reshape(B, T, K * D)).view(B, T, K, D)
 
-    def forward(self, x: torch.Tensor, position: nn.Module, tables: Tables, plan: StepPlan,
-                kv: LayerKV | None = None, start: int = 0) -> torch.Tensor:
-        """x (B, T, d_model) -> (B, T, d_model). ``plan`` carries the mask; ``kv`` the layer's cache."""
+    def project(self, x: torch.Tensor, position: nn.Module, tables: Tables) -> tuple[torch.Tensor, ...]:
+        """x (B, T, d_model) -> rotated q (B, H, T, D), k (B, K, T, D) and v (B, K, T, D)."""
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        q = self.q_proj(x).view(B, T, H, D)
+        k = self.k_proj(x).view(B, T, K, D)
         v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)
         norm_first = self.spec.qk_norm != "none" and self.spec.qk_norm_position == "before_rope"
         if norm_first:
             q, k = self._qk_norm(q, k)
-        q, k = position.rotate(q, tables), position.rotate(k, tables)
+        q, k = position.rotate(q.transpose(1, 2), tables), position.rotate(k.transpose(1, 2), tables)
         if self.spec.qk_norm != "none" and not norm_first:
-            q, k = self._qk_norm(q, k)
+            q, k = self._qk_norm(q.transpose(1, 2), k.transpose(1, 2))
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, kv: LayerKV | None = None,
+               start: int = 0) -> torch.Tensor:
+        """Store this step's keys/values in the cache, attend; -> (B, T, H * D) before ``o_proj``."""
+        B, H, T, D = q.shape
         if kv is not None:
             k, v = kv.update(k, v, plan, start)
         if self.sinks is not None or self.spec.softcap is not None:
             mask = plan.mask
             if mask is None and plan.is_causal:
                 S = k.shape[2]
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
+                mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
             out = eager_attention(q, k, v, mask, self.scale, self.spec.softcap, self.sinks)
+        elif q.device.type == "cpu" and not plan.is_causal and (H // self.n_kv_heads) * T <= DECODE_MAX_QUERIES:
+            out = decode_attention(q, k, v, plan.mask, self.scale)
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=plan.mask, is_causal=plan.is_causal, scale=self.scale, enable_gqa=K != H
+                q, k, v, attn_mask=plan.mask, is_causal=plan.is_causal, scale=self.scale,
+                enable_gqa=self.n_kv_heads != H,
             )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+        return out.transpose(1, 2).reshape(B, T, H * D)
+
+    def forward(self, x: torch.Tensor, position: nn.Module, tables: Tables, plan: StepPlan,
+                kv: LayerKV | None = None, start: int = 0) -> torch.Tensor:
+        """x (B, T, d_model) -> (B, T, d_model). ``plan`` carries the mask; ``kv`` the layer's cache."""
+        q, k, v = self.project(x, position, tables)
+        return self.o_proj(self.attend(q, k, v, plan, kv, start))

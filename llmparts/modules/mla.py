@@ -46,6 +46,7 @@ from torch import nn
 
 from ..kv_cache import LayerKV, StepPlan
 from ..registry import register_module
+from .linear import Linear
 from ..specs import MLASpec, Spec
 from .position import Tables
 
@@ -88,15 +89,15 @@ class MLA(nn.Module):
         # DeepSeek in transformers: latent norms are RMSNorm(eps=1e-6) regardless of rms_norm_eps
         latent_norm = dataclasses.replace(norm, eps=spec.latent_norm_eps) if spec.latent_norm_eps else norm
         if spec.q_lora_rank is None:  # DeepSeek-V2-Lite: one full query projection
-            self.q_proj = nn.Linear(d_model, H * self.qk_dim, bias=False)
+            self.q_proj = Linear(d_model, H * self.qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(d_model, spec.q_lora_rank, bias=spec.bias)
+            self.q_a_proj = Linear(d_model, spec.q_lora_rank, bias=spec.bias)
             self.q_a_norm = build(latent_norm, dim=spec.q_lora_rank)
-            self.q_b_proj = nn.Linear(spec.q_lora_rank, H * self.qk_dim, bias=False)
-        self.kv_a_proj = nn.Linear(d_model, r + dr, bias=spec.bias)
+            self.q_b_proj = Linear(spec.q_lora_rank, H * self.qk_dim, bias=False)
+        self.kv_a_proj = Linear(d_model, r + dr, bias=spec.bias)
         self.kv_a_norm = build(latent_norm, dim=r)
-        self.kv_b_proj = nn.Linear(r, H * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(H * self.v_dim, d_model, bias=spec.bias)
+        self.kv_b_proj = Linear(r, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(H * self.v_dim, d_model, bias=spec.bias)
         self.absorb: bool | None = None  # None: automatic (absorbed for cached steps of <= ABSORB_MAX_T)
 
     def cache_dims(self) -> tuple[int, int, int]:

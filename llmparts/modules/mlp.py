@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_module
+from .linear import Linear
 from ..specs import GatedMLPSpec, PlainMLPSpec
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -27,12 +28,16 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.spec = spec
         self.act = ACTIVATIONS[spec.activation]
-        self.gate_proj = nn.Linear(d_model, spec.hidden_dim, bias=spec.bias)
-        self.up_proj = nn.Linear(d_model, spec.hidden_dim, bias=spec.bias)
-        self.down_proj = nn.Linear(spec.hidden_dim, d_model, bias=spec.bias)
+        self.gate_proj = Linear(d_model, spec.hidden_dim, bias=spec.bias)
+        self.up_proj = Linear(d_model, spec.hidden_dim, bias=spec.bias)
+        self.down_proj = Linear(spec.hidden_dim, d_model, bias=spec.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.down_proj(self.act(gate) * up)
+        # inference: reuse the gate's buffer (saves two (T, hidden) allocations per layer in prefill)
+        return self.down_proj(self.act(gate).mul_(up) if self.act is not F.silu else F.silu(gate, inplace=True).mul_(up))
 
 
 @register_module("mlp", "plain")
@@ -43,8 +48,8 @@ class PlainMLP(nn.Module):
         super().__init__()
         self.spec = spec
         self.act = ACTIVATIONS[spec.activation]
-        self.up_proj = nn.Linear(d_model, spec.hidden_dim, bias=spec.bias)
-        self.down_proj = nn.Linear(spec.hidden_dim, d_model, bias=spec.bias)
+        self.up_proj = Linear(d_model, spec.hidden_dim, bias=spec.bias)
+        self.down_proj = Linear(spec.hidden_dim, d_model, bias=spec.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.up_proj(x)))

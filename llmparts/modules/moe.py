@@ -32,7 +32,11 @@ from torch import nn
 
 from ..registry import register_module
 from ..specs import GatedMLPSpec, MoESpec
+from .linear import MATVEC_MAX_ROWS, linear
 from .mlp import ACTIVATIONS, GatedMLP
+
+
+GROUPED_MIN_ROWS = 64  # (token, expert) pairs from which inference runs all experts as grouped matmuls
 
 
 def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
@@ -152,30 +156,65 @@ class Experts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on the tokens x (n, D) -> (n, D)."""
-        gate = F.linear(x, self.gate_proj[e], self._bias(self.gate_bias, e))  # (n, F)
-        up = F.linear(x, self.up_proj[e], self._bias(self.up_bias, e))  # (n, F)
+        gate = linear(x, self.gate_proj[e], self._bias(self.gate_bias, e))  # (n, F)
+        up = linear(x, self.up_proj[e], self._bias(self.up_bias, e))  # (n, F)
+        return linear(self._activate(gate, up), self.down_proj[e], self._bias(self.down_bias, e))
+
+    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """All experts at once on rows sorted by expert: three grouped matmuls (``F.grouped_mm``)."""
+        offs = counts.cumsum(0).to(torch.int32)
+        expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=xs.device), counts)
+
+        def proj(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+            y = F.grouped_mm(h, w.transpose(-2, -1), offs=offs)  # (n, out): row r uses its expert's w
+            return y if b is None else y + b[expert_of_row]
+
+        gate, up = proj(xs, self.gate_proj, self.gate_bias), proj(xs, self.up_proj, self.up_bias)
+        return proj(self._activate(gate, up), self.down_proj, self.down_bias)
+
+    def _activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
-            h = self.act(gate) * up
-        else:  # GPT-OSS: clamp the gate from above only and the up projection both ways; note the +1
-            limit, alpha = self.spec.swiglu_limit, self.spec.swiglu_alpha
-            gate = gate.clamp(max=limit)
-            up = up.clamp(-limit, limit)
-            h = (up + 1) * gate * torch.sigmoid(alpha * gate)
-        return F.linear(h, self.down_proj[e], self._bias(self.down_bias, e))
+            return self.act(gate) * up
+        limit, alpha = self.spec.swiglu_limit, self.spec.swiglu_alpha  # GPT-OSS: gate clamped from above only
+        gate = gate.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(alpha * gate)
+
+    def gathered(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The same sum for a few tokens (decode) as matrix-vector products on the chosen experts'
+        weights, indexed by ``ids``. Under ``torch.compile`` the indexing fuses into the streaming
+        reduction, so exactly the chosen experts' weights are read, once; eager execution would copy
+        them first, so :class:`MoE` uses this form only while compiling."""
+        N, k = ids.shape
+        dtype = x.dtype
+
+        def mv(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+            y = (h[..., None, :].float() * w[ids].float()).sum(-1)  # (N, k, out)
+            return (y if b is None else y + b[ids].float()).to(dtype)
+
+        xk = x[:, None, :].expand(N, k, x.shape[-1])
+        h = self._activate(mv(xk, self.gate_proj, self.gate_bias), mv(xk, self.up_proj, self.up_bias))
+        y = mv(h, self.down_proj, self.down_bias)  # (N, k, D)
+        return (y * weights[..., None]).to(dtype).sum(dim=1)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, D), ids (N, k), weights (N, k) -> sum over k of weight * expert(x), (N, D) in x.dtype.
 
-        The N*k (token, slot) pairs are sorted by expert; each expert that got any tokens runs once on
-        the rows gathered for it, and its weighted output is added back with ``index_add_``. Experts
-        run in increasing id order, as in transformers' eager loop.
+        The N*k (token, slot) pairs are sorted by expert. For many rows without gradients (prefill),
+        all experts run as grouped matmuls over the sorted rows; otherwise each expert that got any
+        tokens runs once on the rows gathered for it (in increasing id order, as transformers' eager
+        loop). Weighted outputs are added back with ``index_add_``.
         """
         k = ids.shape[1]
         flat = ids.reshape(-1)  # (N*k,) pair p = token p // k, slot p % k
         order = flat.argsort(stable=True)  # pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.spec.n_experts).tolist()  # one host sync
         tokens = order // k  # (N*k,) token of each sorted pair
         pair_w = weights.reshape(-1)[order]  # (N*k,)
+        counts_t = torch.bincount(flat, minlength=self.spec.n_experts)
+        if (flat.numel() >= GROUPED_MIN_ROWS and hasattr(F, "grouped_mm") and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and x.dtype in (torch.float32, torch.bfloat16)):
+            y = self._grouped(x[tokens], counts_t)  # (N*k, D)
+            return torch.zeros_like(x).index_add_(0, tokens, (y * pair_w[:, None]).to(x.dtype))
+        counts = counts_t.tolist()  # one host sync
         out = torch.zeros_like(x)
         start = 0
         for e, n in enumerate(counts):
@@ -203,6 +242,10 @@ class MoE(nn.Module):
         d_model: residual width.
     """
 
+    # Compiled decode steps run the router and the chosen experts as one graph (Experts.gathered);
+    # prefill dispatch is data-dependent (how many tokens each expert gets) and stays eager.
+    compilable = "decode"
+
     def __init__(self, spec: MoESpec, d_model: int) -> None:
         super().__init__()
         self.spec = spec
@@ -223,7 +266,10 @@ class MoE(nn.Module):
         # keeps DeepSeek-V3's float32 (the product is then rounded once); identical in float32.
         if self.spec.router != "sigmoid":
             weights = weights.to(x.dtype)
-        out = self.experts(flat, ids, weights).view(B, T, D)
+        if torch.compiler.is_compiling() and B * T <= MATVEC_MAX_ROWS:  # a compiled decode step
+            out = self.experts.gathered(flat, ids, weights).view(B, T, D)
+        else:
+            out = self.experts(flat, ids, weights).view(B, T, D)
         if self.shared is not None:
             out = out + self.shared(x)
         if self.training and self.spec.aux_loss_coef > 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_module
@@ -30,8 +31,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.spec.eps)
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.spec.eps)  # x / sqrt(mean(x^2) + eps), fused
         if self.spec.cast == "before_weight":
             w = self.weight + self.spec.offset if self.spec.offset else self.weight
             return w * y.to(dtype)

@@ -1,0 +1,100 @@
+"""The optimized decode paths equal the reference ones: the few-query CPU attention, the streaming
+matrix-vector form of ``Linear``, and the compiled decode step (token for token in greedy decoding)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmparts
+from llmparts.generation import generate
+from llmparts.masks import visible
+from llmparts.modules.attention import decode_attention, eager_attention
+from llmparts.modules.linear import Linear, matvec
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,H,K,window", [(1, 8, 2, None), (1, 4, 4, 5), (3, 4, 2, None), (2, 6, 1, 4)])
+def test_decode_attention_matches_eager(dtype, T, H, K, window):
+    B, S, D = 2, 11, 16
+    q, k, v = (torch.randn(B, n, t, D, dtype=dtype) for n, t in ((H, T), (K, S), (K, S)))
+    q_pos = torch.arange(S - T, S).expand(B, T)
+    k_pos = torch.arange(S).expand(B, S).clone()
+    k_pos[1, :2] = -1  # empty slots in one row
+    mask = visible(q_pos, k_pos, window)
+    ref = eager_attention(q.float(), k.float(), v.float(), mask, 0.3)
+    got = decode_attention(q, k, v, mask, 0.3).float()
+    assert (got - ref).abs().max().item() <= (1e-6 if dtype == torch.float32 else 2e-2)
+    if window is None and T == 1:  # no mask at all
+        assert torch.allclose(decode_attention(q, k, v, None, 0.3).float(),
+                              eager_attention(q.float(), k.float(), v.float(), None, 0.3), atol=1e-6 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_matvec_form_equals_linear(rows):
+    lin = Linear(48, 40, bias=True)
+    x = torch.randn(rows, 1, 48)
+    assert torch.allclose(matvec(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias), atol=1e-6)
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # eager: plain F.linear
+
+
+def _greedy(model, ids, n=12):
+    return generate(model, None, ids, max_new_tokens=n)
+
+
+@pytest.mark.parametrize("overrides", [[], ["attention.window=6", "tie_embeddings=false"],
+                                       ["mlp={type: moe, n_experts: 4, top_k: 2, hidden_dim: 32}"],
+                                       ["layers[2:].attention={type: mla, n_heads: 4, kv_lora_rank: 16, "
+                                        "qk_nope_head_dim: 8, qk_rope_head_dim: 8, v_head_dim: 8}"]])
+def test_compiled_decode_equals_eager_decode(overrides):
+    """compile_decode either compiles (and then decodes the same tokens as eager, with logits within
+    float32 rounding) or warns and stays eager; both are correct outcomes of the same contract."""
+    model = llmparts.build_model("tiny/qwen3", overrides=overrides, seed=3).eval()
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    expected = _greedy(model, ids)
+    with torch.no_grad():
+        cache = model.make_cache(2, 20)
+        eager_prefill = model(ids, cache=cache)
+        eager_step = model(ids[:, -1:], cache=cache)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = model.compile_decode()
+    if not compiled:
+        assert any("compile_decode" in str(w.message) for w in caught), "a fallback must say so"
+        assert model._decode_parts is None
+    assert torch.equal(_greedy(model, ids), expected)
+    with torch.no_grad():
+        cache.reset()
+        prefill = model(ids, cache=cache)  # compiled prefill parts (dynamic length)
+        step = model(ids[:, -1:], cache=cache)  # compiled decode parts
+    assert (step - eager_step).abs().max().item() <= 1e-4
+    assert (prefill - eager_prefill).abs().max().item() <= 1e-4
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    model = llmparts.build_model("tiny/qwen3", seed=4).eval()
+    ids = torch.randint(0, 256, (1, 5))
+    expected = _greedy(model, ids, 6)
+
+    def broken(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("no C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="compile_decode: torch.compile failed here.*no C\\+\\+ compiler"):
+        assert model.compile_decode() is False
+    assert model._decode_parts is None
+    assert torch.equal(_greedy(model, ids, 6), expected)
+
+
+def test_training_never_uses_compiled_parts():
+    model = llmparts.build_model("tiny/qwen3", seed=5)
+    unusable = {"attn_in": None, "attn_out_mlp": None, "attn_out": None, "mlp": None, "head": None}
+    model._decode_parts, model._prefill_parts = unusable, dict(unusable)
+    for T in (1, 7):
+        ids = torch.randint(0, 256, (1, T))
+        model(ids, labels=ids).backward()  # grad enabled: the compiled parts are not touched
