@@ -60,20 +60,27 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def measure_bandwidth(threads: int, mib: int = 1024, passes: int = 6, repeats: int = 3) -> float:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_bandwidth(threads: int, mib: int = 1024, passes: int = 6, repeats: int = 3, device: str = "cpu") -> float:
     """Sustained read bandwidth in bytes/s: the best rate, over ``repeats`` tries and three reductions
     (sum, max, dot), of ``passes`` back-to-back full reads of a ``mib`` MiB buffer (as decoding reads
     every weight, token after token). On shared (virtual) machines it drifts by 2x over minutes, so
     each benchmark run measures it right before and after its own decode timing."""
     torch.set_num_threads(threads)
-    buf = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    buf = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
     best = 0.0
     for op in (torch.sum, torch.amax, lambda b: torch.dot(b, b)):
         op(buf)
+        _sync(device)
         for _ in range(repeats):
             t = time.perf_counter()
             for _ in range(passes):
                 op(buf)
+            _sync(device)
             best = max(best, passes * buf.nbytes / (time.perf_counter() - t))
     del buf
     return best
@@ -103,8 +110,10 @@ def prepare_checkpoint(name: str, dtype: str, cache: Path = CACHE) -> Path:
         cfg = transformers.AutoConfig.for_model(**BUILTIN[name])
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[dtype])
         with torch.no_grad():
-            for p in model.parameters():  # some of transformers' inits leave routers at zero: experts tie
-                if p.dim() >= 2:
+            for n, p in model.named_parameters():
+                if n.endswith("mlp.gate.weight"):  # routers: separated scores, as in trained models
+                    p.normal_(0.0, 0.5)  # (near-tied random routers make every rounding flip an expert)
+                elif p.dim() >= 2:
                     p.normal_(0.0, 0.02)
         model.save_pretrained(out)
     else:
@@ -137,14 +146,16 @@ def _family_of(model: Any) -> str:
 class _Timestamps:
     """A transformers streamer that records when each generated token arrives."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         self.times: list[float] = []
         self.first = True
+        self.device = device
 
     def put(self, value: Any) -> None:
         if self.first:  # generate() first pushes the prompt
             self.first = False
             return
+        _sync(self.device)
         self.times.append(time.perf_counter())
 
     def end(self) -> None:
@@ -156,7 +167,7 @@ def _rate(times: list[float]) -> float:
 
 
 def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: list[int], new_tokens: int,
-               contexts: list[int], compile: bool) -> dict[str, Any]:
+               contexts: list[int], compile: bool, device: str = "cpu") -> dict[str, Any]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     if framework == "transformers":
@@ -168,13 +179,14 @@ def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: li
     if framework == "llmparts":
         import llmparts
 
-        model = llmparts.load_pretrained(ckpt, dtype=DTYPES[dtype])
+        model = llmparts.load_pretrained(ckpt, dtype=DTYPES[dtype], device=device)
         vocab = model.config.vocab_size
     else:
         import transformers
 
-        model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=DTYPES[dtype]).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=DTYPES[dtype], device_map=device).eval()
         vocab = model.config.vocab_size
+    _sync(device)
     load_s = time.perf_counter() - t0
     load_peak = peak_rss() - rss0
     compile_s = None
@@ -191,21 +203,23 @@ def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: li
     gen = torch.Generator().manual_seed(1)
 
     def ids(n: int) -> torch.Tensor:
-        return torch.randint(0, vocab, (1, n), generator=gen)
+        return torch.randint(0, vocab, (1, n), generator=gen).to(device)
 
     def timed_generate(prompt: torch.Tensor, n: int) -> list[float]:
         """Timestamps: [start, token 1, token 2, ...]."""
         times = [time.perf_counter()]
-        with torch.inference_mode():
+        with torch.no_grad():  # as generate() does (compile_decode compiles for no_grad tensors)
             if framework == "llmparts":
                 from llmparts.generation import SamplingParams, decode_steps
 
                 mask = torch.ones_like(prompt)
-                for _ in decode_steps(model, prompt, mask, n, SamplingParams(), torch.empty(0, dtype=torch.long),
-                                      0, vocab, None, torch.zeros(1, dtype=torch.bool)):
+                for _ in decode_steps(model, prompt, mask, n, SamplingParams(),
+                                      torch.empty(0, dtype=torch.long, device=device), 0, vocab, None,
+                                      torch.zeros(1, dtype=torch.bool, device=device)):
+                    _sync(device)
                     times.append(time.perf_counter())
             else:
-                streamer = _Timestamps()
+                streamer = _Timestamps(device)
                 model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, streamer=streamer, pad_token_id=0)
                 times += streamer.times
@@ -215,12 +229,12 @@ def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: li
     out: dict[str, Any] = {"framework": framework, "dtype": dtype, "threads": threads, "load_s": load_s,
                            "compile_s": compile_s, "load_peak_rss": load_peak, "weight_bytes": weight_bytes, "prefill_s": {},
                            "decode_tok_s": None, "context_tok_s": {}}
-    for n in prefill:  # best of two: a single run on a shared machine is noisy
-        out["prefill_s"][str(n)] = min(t[1] - t[0] for t in (timed_generate(ids(n), 1) for _ in range(2)))
-    out["bandwidth"] = measure_bandwidth(threads)
+    for n in prefill:  # best of three: a single run on a shared machine is noisy
+        out["prefill_s"][str(n)] = min(t[1] - t[0] for t in (timed_generate(ids(n), 1) for _ in range(3)))
+    out["bandwidth"] = measure_bandwidth(threads, device=device)
     times = timed_generate(ids(128), new_tokens)
     out["decode_tok_s"] = _rate(times[1:])
-    out["bandwidth"] = max(out["bandwidth"], measure_bandwidth(threads))  # before and after the decode
+    out["bandwidth"] = max(out["bandwidth"], measure_bandwidth(threads, device=device))  # before and after
     for c in contexts:
         times = timed_generate(ids(c), 16)
         out["context_tok_s"][str(c)] = _rate(times[1:])
@@ -231,7 +245,8 @@ def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: li
 def _spawn(args: argparse.Namespace, framework: str, ckpt: Path, dtype: str) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "llmparts.bench", "--worker", framework, "--checkpoint", str(ckpt), "--dtype", dtype,
            "--threads", str(args.threads), "--prefill", ",".join(map(str, args.prefill)),
-           "--new-tokens", str(args.new_tokens), "--contexts", ",".join(map(str, args.contexts))]
+           "--new-tokens", str(args.new_tokens), "--contexts", ",".join(map(str, args.contexts)),
+           "--device", args.device]
     if args.compile:
         cmd.append("--compile")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
@@ -335,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shipped config name (random weights), built-in small-moe / small-mla, or a checkpoint dir")
     p.add_argument("--dtype", default="float32,bfloat16", help="comma-separated: float32,bfloat16,float16")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both libraries, same device)")
     p.add_argument("--repeats", type=int, default=3, help="runs per library and dtype (alternating)")
     p.add_argument("--prefill", type=_ints, default=[128, 512])
     p.add_argument("--new-tokens", type=int, default=128)
@@ -352,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
         res = run_worker(args.worker, args.checkpoint, args.dtype, args.threads, args.prefill, args.new_tokens,
-                         args.contexts, args.compile)
+                         args.contexts, args.compile, args.device)
         print(json.dumps(res))
         return 0
     from .loading import config_of

@@ -21,6 +21,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="parameter dtype (default: the checkpoint's; float32 for GGUF)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the generation step (faster decoding after seconds of compiling)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -55,6 +57,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
     source = args.model or str(default_model_path())
     model = load_pretrained(source, dtype=args.dtype, device=args.device)
+    if getattr(args, "compile", False):
+        model.compile_decode()
     tok = Tokenizer.from_pretrained(source)
     return model, tok
 

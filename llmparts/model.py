@@ -74,7 +74,10 @@ class Block(nn.Module):
         """
         mlp_compiles = getattr(self.mlp, "compilable", True)  # True, False, or "decode": single steps only
         if mlp_compiles == "decode":
-            mlp_compiles = parts is not None and parts.get("single_step", False)
+            mlp_compiles = parts.get("single_step", False)
+        if not mlp_compiles and not parts.get("single_step", False):
+            # prefill with an eager MLP: compiled pieces around it only add graph breaks (measured slower)
+            return self.forward(x, position, tables, plan, kv, start)
         if hasattr(self.attn, "project"):
             q, k, v = parts["attn_in"](self, x, position, tables)
             attn = self.attn.attend(q, k, v, plan, kv, start)
@@ -220,6 +223,8 @@ class CausalLM(nn.Module):
         steps run at once (compiling takes seconds to a minute); if compilation fails here (no C++
         compiler, unsupported platform) or, with ``check``, its logits differ from the eager ones, a
         warning is given and the model stays eager. Returns whether the compiled parts are in use.
+        The parts are compiled for ``torch.no_grad()`` (as :func:`~llmparts.generate` runs);
+        ``torch.inference_mode()`` tensors trigger one more compilation on first use.
         """
         import warnings
 
@@ -228,10 +233,12 @@ class CausalLM(nn.Module):
         prefill: dict[str, Any] = {name: torch.compile(fn, dynamic=True) for name, fn in _DECODE_PARTS.items()}
         decode["single_step"], prefill["single_step"] = True, False
 
-        def trial() -> list[torch.Tensor]:
-            ids = torch.zeros(1, 5, dtype=torch.long, device=self.device)
-            cache = self.make_cache(1, 5)
-            return [self(ids[:, :3], cache=cache), self(ids[:, 3:4], cache=cache), self(ids[:, 4:], cache=cache)]
+        def trial() -> list[torch.Tensor]:  # a prefill longer than MATVEC_MAX_ROWS, then two decode steps
+            n = MATVEC_MAX_ROWS + 2
+            ids = torch.arange(n + 2, device=self.device)[None] % self.config.vocab_size
+            cache = self.make_cache(1, n + 2)
+            return [self(ids[:, :n], cache=cache, last_only=True), self(ids[:, n : n + 1], cache=cache),
+                    self(ids[:, n + 1 :], cache=cache)]  # last_only: as generation calls the prefill
 
         try:
             with torch.no_grad():
@@ -243,9 +250,12 @@ class CausalLM(nn.Module):
             warnings.warn(f"compile_decode: torch.compile failed here, decoding stays eager ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})", stacklevel=2)
             return False
+        # Relative error of the logits. Garbage from a broken compiler is uncorrelated (error ~1.4);
+        # in bfloat16 the compiled step's different rounding can legitimately flip an MoE router's
+        # choice for a token (error up to ~0.5 on random weights), so half precision gets a wide bound.
         for a, b in zip(eager, compiled):
-            tol = 1e-3 if self.dtype == torch.float32 else 0.1 * float(a.abs().max())
-            if check and not (a - b).abs().max().item() <= tol:
+            tol = 1e-3 if self.dtype == torch.float32 else 0.7
+            if check and not ((a - b).norm() / a.norm().clamp_min(1e-6)).item() <= tol:
                 self._decode_parts = self._prefill_parts = None
                 warnings.warn("compile_decode: compiled logits differ from eager ones; decoding stays eager",
                               stacklevel=2)
@@ -313,7 +323,10 @@ class CausalLM(nn.Module):
             start = 0
         parts = None  # compiled parts (compile_decode) serve inference only
         if self._decode_parts is not None and not torch.is_grad_enabled():
-            parts = self._decode_parts if T == 1 and B <= MATVEC_MAX_ROWS else self._prefill_parts
+            if T == 1 and B <= MATVEC_MAX_ROWS:
+                parts = self._decode_parts
+            elif B * T > MATVEC_MAX_ROWS:  # (a few rows in between run eagerly: no third specialisation)
+                parts = self._prefill_parts
         for i, block in enumerate(self.layers):
             key = self._position_key[i]
             kv = cache.layers[i] if cache is not None else None
