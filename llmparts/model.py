@@ -75,8 +75,7 @@ class Block(nn.Module):
         mlp_compiles = getattr(self.mlp, "compilable", True)  # True, False, or "decode": single steps only
         if mlp_compiles == "decode":
             mlp_compiles = parts.get("single_step", False)
-        if not mlp_compiles and not parts.get("single_step", False):
-            # prefill with an eager MLP: compiled pieces around it only add graph breaks (measured slower)
+        if not mlp_compiles and not parts.get("single_step", False):  # an eager MLP in a prefill
             return self.forward(x, position, tables, plan, kv, start)
         if hasattr(self.attn, "project"):
             q, k, v = parts["attn_in"](self, x, position, tables)
@@ -232,6 +231,8 @@ class CausalLM(nn.Module):
         decode: dict[str, Any] = {name: torch.compile(fn, dynamic=False) for name, fn in _DECODE_PARTS.items()}
         prefill: dict[str, Any] = {name: torch.compile(fn, dynamic=True) for name, fn in _DECODE_PARTS.items()}
         decode["single_step"], prefill["single_step"] = True, False
+        if any(getattr(b.mlp, "compilable", True) is not True for b in self.layers):
+            prefill = None  # MoE: prefill dispatch is data-dependent; compiled pieces around it measured slower
 
         def trial() -> list[torch.Tensor]:  # a prefill longer than MATVEC_MAX_ROWS, then two decode steps
             n = MATVEC_MAX_ROWS + 2
@@ -326,7 +327,7 @@ class CausalLM(nn.Module):
             if T == 1 and B <= MATVEC_MAX_ROWS:
                 parts = self._decode_parts
             elif B * T > MATVEC_MAX_ROWS:  # (a few rows in between run eagerly: no third specialisation)
-                parts = self._prefill_parts
+                parts = self._prefill_parts  # None for MoE models: eager prefill
         for i, block in enumerate(self.layers):
             key = self._position_key[i]
             kv = cache.layers[i] if cache is not None else None
