@@ -37,6 +37,20 @@ def hf_reference(directory: Path):
     ).eval()
 
 
+def requantize(directory: Path, quant_cfg: dict, convert) -> None:
+    """Rewrite a saved checkpoint's tensors with ``convert(key, state_dict) -> {key: tensor}`` (pop
+    keys to drop them) and add ``quantization_config`` to its config.json."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(directory / "model.safetensors")
+    for k in list(sd):
+        sd.update(convert(k, sd))
+    save_file(sd, directory / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["quantization_config"] = quant_cfg
+    (directory / "config.json").write_text(json.dumps(cfg))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 import llmparts
-from conftest import save_hf
+from conftest import requantize, save_hf
 
 TOL = 1e-4
 SEQ = 80
@@ -150,18 +150,13 @@ def test_training_loss_with_load_balancing_matches_transformers(tmp_path):
 
 
 # ------------------------------------------------------------------------ quantized checkpoints
-def _requantize(directory, quant_cfg, convert):
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    sd = load_file(directory / "model.safetensors")
-    for k in list(sd):
-        sd.update(convert(k, sd))
-    save_file(sd, directory / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((directory / "config.json").read_text())
-    cfg["quantization_config"] = quant_cfg
-    (directory / "config.json").write_text(json.dumps(cfg))
+def _max_logit_diff(directory) -> float:
+    """Load a (quantized) checkpoint in float32 through transformers and llmparts; compare logits."""
+    ref = hf_moe_reference(directory)
+    ours = llmparts.load_pretrained(directory, dtype=torch.float32)
+    x = batch()
+    with torch.no_grad():
+        return (ref(x).logits - ours(x)).abs().max().item()
 
 
 def test_gpt_oss_mxfp4_checkpoint_matches_transformers(tmp_path):
@@ -176,17 +171,12 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers(tmp_path):
         blocks, scales = quantize_mxfp4(sd.pop(k).transpose(1, 2).float())  # (E, in, out) -> (E, out, in)
         return {f"{k}_blocks": blocks, f"{k}_scales": scales}
 
-    _requantize(d, {"quant_method": "mxfp4", "modules_to_not_convert": [
+    requantize(d, {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}, convert)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        d, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager").eval()
-    ours = llmparts.load_pretrained(d, dtype=torch.float32)
-    x = batch()
-    with torch.no_grad():
-        diff = (ref(x).logits - ours(x)).abs().max().item()
+    diff = _max_logit_diff(d)
     print(f"gpt_oss mxfp4 max abs diff {diff:.2e}")
     assert diff <= TOL
-    gate = ours.layers[0].mlp.experts.gate_proj
+    gate = llmparts.load_pretrained(d, dtype=torch.float32).layers[0].mlp.experts.gate_proj
     assert gate.dtype == torch.float32 and not torch.equal(gate, torch.zeros_like(gate))
 
 
@@ -203,14 +193,9 @@ def test_deepseek_v3_fp8_checkpoint_matches_transformers(tmp_path):
         q, s = quantize_fp8_blocks(sd[k], block)
         return {k: q, f"{k}_scale_inv": s}
 
-    _requantize(d, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+    requantize(d, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                     "weight_block_size": list(block)}, convert)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        d, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager").eval()
-    ours = llmparts.load_pretrained(d, dtype=torch.float32)
-    x = batch()
-    with torch.no_grad():
-        diff = (ref(x).logits - ours(x)).abs().max().item()
+    diff = _max_logit_diff(d)
     print(f"deepseek_v3 fp8 max abs diff {diff:.2e}")
     assert diff <= TOL
 
@@ -227,7 +212,7 @@ def test_quantized_tensor_without_scales_fails_before_building(tmp_path):
         blocks, _ = quantize_mxfp4(sd.pop(k).transpose(1, 2).float())
         return {f"{k}_blocks": blocks}  # scales missing
 
-    _requantize(d, {"quant_method": "mxfp4"}, convert)
+    requantize(d, {"quant_method": "mxfp4"}, convert)
     with pytest.raises(CheckpointError, match=r"_blocks without their _scales: model.layers.0.mlp.experts.down_proj_blocks"):
         llmparts.load_pretrained(d)
 

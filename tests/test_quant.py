@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import transformers
+from conftest import requantize
 from safetensors.torch import load_file, save_file
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize, _dequantize_fp8_weight
 from transformers.integrations.mxfp4 import FP4_VALUES, convert_moe_packed_tensors
@@ -358,14 +359,7 @@ def test_quantized_checkpoint_without_quantization_config(mx_dir, fp8_dir, tmp_p
 # ------------------------------------------------------------------- end to end against transformers
 def _quantize_dir(model, directory, quant_cfg, convert):
     model.save_pretrained(directory)
-    sd = load_file(directory / "model.safetensors")
-    for k in list(sd):
-        sd.update(convert(k, sd))
-    save_file(sd, directory / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((directory / "config.json").read_text())
-    cfg["quantization_config"] = quant_cfg
-    (directory / "config.json").write_text(json.dumps(cfg))
-    return cfg
+    requantize(directory, quant_cfg, convert)
 
 
 def _compare_with_transformers(directory, quant_cfg, dtype):

@@ -94,6 +94,17 @@ def rope_from_hf(hf: HFConfig, default_theta: float, params: dict[str, Any] | No
     return {"type": "rope", "theta": float(theta), "scaling": scaling}
 
 
+def sizes_from_hf(hf: HFConfig) -> dict[str, Any]:
+    """The top-level sizes every family reads alike: vocabulary, width, depth, context, tying."""
+    return {
+        "vocab_size": hf.require("vocab_size"),
+        "d_model": hf.require("hidden_size"),
+        "n_layers": hf.require("num_hidden_layers"),
+        "max_seq_len": hf.require("max_position_embeddings"),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
+
+
 def layer_types_from_hf(hf: HFConfig, n_layers: int, default_types: list[str]) -> list[str]:
     """The validated ``layer_types`` list (one of full_attention / sliding_attention per layer)."""
     types = hf.get("layer_types", default_types)

@@ -24,7 +24,7 @@ from typing import Any
 from ...errors import ConfigError, UnsupportedModelError
 from ..weight_map import Ignore, Rename, Rule
 from . import Family, HFConfig, register_family
-from .common import llama_rules, moe_dense_overrides, one_of, rope_from_hf
+from .common import llama_rules, moe_dense_overrides, one_of, rope_from_hf, sizes_from_hf
 from .qwen3_moe import moe_rules
 
 
@@ -58,11 +58,7 @@ def _deepseek(hf: HFConfig, version: int) -> dict[str, Any]:
     n_layers = hf.require("num_hidden_layers")
     bias = bool(hf.get("attention_bias", False))
     cfg: dict[str, Any] = {
-        "vocab_size": hf.require("vocab_size"),
-        "d_model": hf.require("hidden_size"),
-        "n_layers": n_layers,
-        "max_seq_len": hf.require("max_position_embeddings"),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        **sizes_from_hf(hf),
         "attention": {
             "type": "mla",
             "n_heads": n_heads,

@@ -30,7 +30,7 @@ def gemma3_from_hf(hf: HFConfig) -> dict[str, Any]:
     if hf.get("use_bidirectional_attention", False):
         raise UnsupportedModelError(f"{hf.source}: use_bidirectional_attention=true is not a causal LM")
     hf.expect("attention_bias", (False,), "Gemma 3 projections have no bias")
-    act = hf.expect("hidden_activation", ("gelu_pytorch_tanh",), "Gemma 3's GeGLU uses tanh GELU")
+    hf.expect("hidden_activation", ("gelu_pytorch_tanh",), "Gemma 3's GeGLU uses tanh GELU")
     hf.get("hidden_act")  # legacy duplicate of hidden_activation, unused by transformers' Gemma3
     # transformers stores attn_logit_softcapping on the module but never applies it in Gemma 3
     hf.get("attn_logit_softcapping")

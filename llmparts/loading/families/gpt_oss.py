@@ -17,7 +17,7 @@ from typing import Any
 
 from ..weight_map import Rename, Rule
 from . import Family, HFConfig, register_family
-from .common import layer_types_from_hf, llama_rules, one_of, rope_from_hf, sliding_overrides
+from .common import layer_types_from_hf, llama_rules, one_of, rope_from_hf, sizes_from_hf, sliding_overrides
 
 
 def gpt_oss_from_hf(hf: HFConfig) -> dict[str, Any]:
@@ -29,11 +29,7 @@ def gpt_oss_from_hf(hf: HFConfig) -> dict[str, Any]:
     n_experts = one_of(hf, ("num_local_experts", "num_experts"), 128)
     top_k = one_of(hf, ("num_experts_per_tok", "experts_per_token"), 4)
     cfg: dict[str, Any] = {
-        "vocab_size": hf.require("vocab_size"),
-        "d_model": hf.require("hidden_size"),
-        "n_layers": n_layers,
-        "max_seq_len": hf.require("max_position_embeddings"),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        **sizes_from_hf(hf),
         "attention": {
             "type": "gqa",
             "n_heads": n_heads,

@@ -6,23 +6,18 @@ from typing import Any
 
 from ...config import ModelConfig
 from . import Family, HFConfig, register_family
-from .common import dense_to_hf, llama_rules, rope_from_hf
+from .common import dense_to_hf, llama_rules, rope_from_hf, sizes_from_hf
 
 
 def llama_core(hf: HFConfig, default_eps: float = 1e-6, default_theta: float = 10000.0) -> dict[str, Any]:
     """Fields shared by Llama-layout configs (Llama, Qwen3, Mistral, SmolLM3)."""
     n_heads = hf.require("num_attention_heads")
-    d_model = hf.require("hidden_size")
     head_dim = hf.get("head_dim")
     act = hf.expect("hidden_act", ("silu",), "the gated MLP of this family uses silu")
     mlp_bias = hf.get("mlp_bias", False)
     attention_bias = hf.get("attention_bias", False)
     return {
-        "vocab_size": hf.require("vocab_size"),
-        "d_model": d_model,
-        "n_layers": hf.require("num_hidden_layers"),
-        "max_seq_len": hf.require("max_position_embeddings"),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        **sizes_from_hf(hf),
         "attention": {
             "type": "gqa",
             "n_heads": n_heads,

@@ -45,7 +45,7 @@ def mistral_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             "mistral config.json applies one sliding_window to every layer; this config mixes "
             f"{sorted(windows, key=str)}"
         )
-    a, m = cfg.attention, cfg.mlp
+    a = cfg.attention
     out = {
         "model_type": "mistral",
         "architectures": ["MistralForCausalLM"],

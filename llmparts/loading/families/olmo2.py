@@ -19,7 +19,7 @@ from typing import Any
 from ...config import ModelConfig
 from ..weight_map import Ignore, Rename, Rule
 from . import Family, HFConfig, register_family
-from .common import dense_to_hf, export_rope, rope_from_hf
+from .common import dense_to_hf, export_rope, rope_from_hf, sizes_from_hf
 
 
 def olmo_core(hf: HFConfig) -> dict[str, Any]:
@@ -30,11 +30,7 @@ def olmo_core(hf: HFConfig) -> dict[str, Any]:
     # OLMo 1's q/k/v clipping: transformers' OLMo 2/3 never apply it, so only null is the same network
     hf.expect("clip_qkv", (None,), "q/k/v clipping is not part of OLMo 2/3 in transformers")
     return {
-        "vocab_size": hf.require("vocab_size"),
-        "d_model": hf.require("hidden_size"),
-        "n_layers": hf.require("num_hidden_layers"),
-        "max_seq_len": hf.require("max_position_embeddings"),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        **sizes_from_hf(hf),
         "attention": {
             "type": "gqa",
             "n_heads": n_heads,
@@ -74,7 +70,7 @@ def olmo_rules(cfg: dict[str, Any]) -> list[Rule]:
 
 
 def olmo_core_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    a, m = cfg.attention, cfg.mlp
+    a = cfg.attention
     out = {
         **dense_to_hf(cfg),
         "attention_bias": a.qkv_bias,
