@@ -30,7 +30,7 @@ class StepPlan:
     mask: torch.Tensor | None  # (B, 1, T, S) bool, or None when `is_causal` or all keys are visible
     is_causal: bool
     k_pos: torch.Tensor  # (B, S)
-    write: torch.Tensor | None = None  # ring slots written this step (cache only)
+    write: torch.Tensor | None = None  # slots written this step (cache only; ring slots for a window)
     n_keep: int = 0  # how many of the T new tokens the ring keeps
 
 
@@ -53,6 +53,12 @@ class LayerKV:
         alloc = torch.empty if window is None else torch.zeros
         self.k = alloc(B, n_kv, n_slots, k_dim, dtype=dtype, device=device)
         self.v = alloc(B, n_kv, n_slots, v_dim, dtype=dtype, device=device)
+
+    def step_buffers(self, plan: StepPlan, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """For a one-token step whose key/value the caller writes (a compiled decode step): the whole
+        (B, K, slots, D) buffers, the slot (1,) this token goes to along dim 2, and how many leading
+        slots the query attends over — ``k.index_copy_(2, write, new_k)[:, :, :n]`` is :meth:`update`."""
+        return self.k, self.v, plan.write, (start + 1 if self.window is None else self.k.shape[2])
 
     def update(self, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's (B, H, T, D) keys/values; return everything the queries attend over."""
@@ -121,12 +127,13 @@ class KVCache:
         self.slot_pos[:, L : L + T] = q_pos
         plans: dict[int | None, StepPlan] = {}
         k_pos = self.slot_pos[:, : L + T]
+        write = torch.arange(L, L + T, device=q_pos.device)
         if self.contiguous:  # causal by slot order: no mask for decode, SDPA's causal flag for prefill
-            plans[None] = StepPlan(None, None, T > 1 and L == 0, k_pos)
+            plans[None] = StepPlan(None, None, T > 1 and L == 0, k_pos, write)
             if T > 1 and L > 0:
                 plans[None].mask = visible(q_pos, k_pos, None)
         else:
-            plans[None] = StepPlan(None, visible(q_pos, k_pos, None), False, k_pos)
+            plans[None] = StepPlan(None, visible(q_pos, k_pos, None), False, k_pos, write)
         for w in self.windows:
             ring = self.ring_pos[w]
             n_keep = min(T, w)

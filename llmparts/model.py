@@ -78,6 +78,15 @@ class Block(nn.Module):
         if not mlp_compiles and not parts.get("single_step", False):  # an eager MLP in a prefill
             return self.forward(x, position, tables, plan, kv, start)
         if hasattr(self.attn, "project"):
+            if kv is not None and x.shape[1] == 1 and mlp_compiles and "block_step" in parts:
+                k_buf, v_buf, write, n = kv.step_buffers(plan, start)
+                seen = plan.k_pos[:, :n]  # (B, n): its length is how many slots the token attends over
+                for t in (k_buf, v_buf):  # one graph for every cache size (and ring size)
+                    torch._dynamo.maybe_mark_dynamic(t, 2)
+                torch._dynamo.decorators.mark_unbacked(seen, 1)  # no specialisation or range guard on n
+                if plan.mask is not None:
+                    torch._dynamo.decorators.mark_unbacked(plan.mask, 3)
+                return parts["block_step"](self, x, position, tables, k_buf, v_buf, write, seen, plan.mask)
             q, k, v = parts["attn_in"](self, x, position, tables)
             attn = self.attn.attend(q, k, v, plan, kv, start)
             if mlp_compiles:  # one graph for the rest of the block
@@ -92,8 +101,9 @@ class Block(nn.Module):
 # ------------------------------------------------------------------ compiled decode-step parts
 # Module-level functions of (block, tensors): torch.compile traces each once and reuses the graph for
 # every block with the same structure (parameters are graph inputs), so a 28-layer model compiles
-# a few small graphs, not one per layer. The cache update and attention stay eager: their shapes
-# grow each step.
+# a few small graphs, not one per layer. A decode step runs each block as one call (`_block_step`:
+# the cache write and attention inside, the cache length a dynamic dimension); prefill compiles the
+# pieces around an eager attention.
 def _attn_in(block: "Block", x: torch.Tensor, position: nn.Module, tables: Tables) -> tuple[torch.Tensor, ...]:
     return block.attn.project(block.attn_norm(x) if block.pre else x, position, tables)
 
@@ -110,6 +120,19 @@ def _mlp_branch(block: "Block", x: torch.Tensor) -> torch.Tensor:
 
 def _attn_out_mlp(block: "Block", x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     return _mlp_branch(block, _attn_out(block, x, attn))
+
+
+def _block_step(block: "Block", x: torch.Tensor, position: nn.Module, tables: Tables, k_buf: torch.Tensor,
+                v_buf: torch.Tensor, write: torch.Tensor, seen: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A whole block for one decode token, the cache write and attention included: one compiled call
+    per layer. The token's key and value go to slot ``write`` of the layer's cache buffers, and it
+    attends over their first ``n`` slots (:meth:`~llmparts.kv_cache.LayerKV.step_buffers`)."""
+    q, k, v = _attn_in(block, x, position, tables)
+    k_buf.index_copy_(2, write, k)
+    v_buf.index_copy_(2, write, v)
+    n = seen.shape[1]
+    attn = block.attn.attention(q, k_buf[:, :, :n], v_buf[:, :, :n], mask, False)
+    return _attn_out_mlp(block, x, attn)
 
 
 def _head(model: "CausalLM", x: torch.Tensor) -> torch.Tensor:
@@ -230,6 +253,7 @@ class CausalLM(nn.Module):
         self._decode_parts = self._prefill_parts = None
         decode: dict[str, Any] = {name: torch.compile(fn, dynamic=False) for name, fn in _DECODE_PARTS.items()}
         prefill: dict[str, Any] = {name: torch.compile(fn, dynamic=True) for name, fn in _DECODE_PARTS.items()}
+        decode["block_step"] = torch.compile(_block_step, dynamic=None)  # dynamic where marked: cache length
         decode["single_step"], prefill["single_step"] = True, False
         if any(getattr(b.mlp, "compilable", True) is not True for b in self.layers):
             prefill = None  # MoE: prefill dispatch is data-dependent; compiled pieces around it measured slower

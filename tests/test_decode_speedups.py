@@ -41,11 +41,21 @@ def test_matvec_form_equals_linear(rows):
     assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # eager: plain F.linear
 
 
+def _compiler_works() -> bool:
+    """Whether torch.compile works at all here (a C++ compiler for inductor): then compile_decode must."""
+    try:
+        return bool(torch.compile(lambda x: x * 2 + 1)(torch.ones(3)).eq(3).all())
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _greedy(model, ids, n=12):
     return generate(model, None, ids, max_new_tokens=n)
 
 
 @pytest.mark.parametrize("overrides", [[], ["attention.window=6", "tie_embeddings=false"],
+                                       ["layers[::2].attention.window=5"],  # rings and full buffers
+                                       ["attention.sinks=true", "attention.softcap=20.0"],
                                        ["mlp={type: moe, n_experts: 4, top_k: 2, hidden_dim: 32}"],
                                        ["layers[2:].attention={type: mla, n_heads: 4, kv_lora_rank: 16, "
                                         "qk_nope_head_dim: 8, qk_rope_head_dim: 8, v_head_dim: 8}"]])
@@ -63,6 +73,7 @@ def test_compiled_decode_equals_eager_decode(overrides):
         warnings.simplefilter("always")
         compiled = model.compile_decode()
     if not compiled:
+        assert not _compiler_works(), [str(w.message) for w in caught]  # only a machine without a compiler falls back
         assert any("compile_decode" in str(w.message) for w in caught), "a fallback must say so"
         assert model._decode_parts is None
     assert torch.equal(_greedy(model, ids), expected)
@@ -72,6 +83,23 @@ def test_compiled_decode_equals_eager_decode(overrides):
         step = model(ids[:, -1:], cache=cache)  # compiled decode parts
     assert (step - eager_step).abs().max().item() <= 1e-4
     assert (prefill - eager_prefill).abs().max().item() <= 1e-4
+
+
+def test_compiled_decode_step_with_padding_and_long_caches():
+    """The compiled decode step writes the cache itself and attends over a dynamic number of slots:
+    left-padded batches (a mask), caches of other sizes and lengths past the compiled trial's all
+    decode as eagerly, without recompiling the step for each new length."""
+    model = llmparts.build_model("tiny/qwen3", overrides=["layers[1].attention.window=7"], seed=6).eval()
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # row 1 is left-padded
+    expected = [generate(model, None, ids, max_new_tokens=30, attention_mask=mask), _greedy(model, ids[:1, :3], 40)]
+    assert model.compile_decode() or not _compiler_works()
+    generate(model, None, ids, max_new_tokens=2, attention_mask=mask)  # compiles the masked variant once
+    with torch.compiler.set_stance("fail_on_recompile"):  # every later length reuses the same graphs
+        got = [generate(model, None, ids, max_new_tokens=30, attention_mask=mask), _greedy(model, ids[:1, :3], 40)]
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
