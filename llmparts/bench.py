@@ -9,8 +9,9 @@ process:
 * prefill: latency to the first new token for prompts of each ``--prefill`` length;
 * decode: greedy tokens per second over ``--new-tokens`` tokens, prefill excluded (timed from the
   first generated token to the last);
-* the machine's read bandwidth (best of several large reductions) and the decode bound it implies:
-  every weight a token uses read once per token, plus the KV cache at that context.
+* the machine's read bandwidth (best of several large reductions), sampled before, every 32 tokens
+  during and after the decode, and the decode bound it implies: every weight a token uses read once
+  per token, plus the KV cache at that context.
 
 It prints medians with min-max and the ratios llmparts/transformers and llmparts/bound, and writes
 all raw runs and the summary as JSON. ``--contexts`` adds a sweep of decode speed against context
@@ -68,8 +69,8 @@ def _sync(device: str) -> None:
 def measure_bandwidth(threads: int, mib: int = 1024, passes: int = 6, repeats: int = 3, device: str = "cpu") -> float:
     """Sustained read bandwidth in bytes/s: the best rate, over ``repeats`` tries and three reductions
     (sum, max, dot), of ``passes`` back-to-back full reads of a ``mib`` MiB buffer (as decoding reads
-    every weight, token after token). On shared (virtual) machines it drifts by 2x over minutes, so
-    each benchmark run measures it right before and after its own decode timing."""
+    every weight, token after token). On shared (virtual) machines it drifts by 2x from one minute to
+    the next, so each benchmark run samples it before, during and after its own decode timing."""
     torch.set_num_threads(threads)
     buf = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
     best = 0.0
@@ -94,12 +95,12 @@ def warm_page_cache(directory: Path) -> None:
                 pass
 
 
-def prepare_checkpoint(name: str, dtype: str, cache: Path = CACHE) -> Path:
+def prepare_checkpoint(name: str, dtype: str, cache: Path | None = None) -> Path:
     """A checkpoint directory for ``name``: an existing directory, a built-in model, or a shipped config
-    with random weights (seed 0), written once per dtype and reused."""
+    with random weights (seed 0), written once per dtype under ``cache`` (default :data:`CACHE`)."""
     if Path(name).is_dir():
         return Path(name)
-    out = cache / f"{name}-{dtype}"
+    out = (cache or CACHE) / f"{name}-{dtype}"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -146,20 +147,46 @@ def _family_of(model: Any) -> str:
 class _Timestamps:
     """A transformers streamer that records when each generated token arrives."""
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", probe: "_BandwidthProbe | None" = None) -> None:
         self.times: list[float] = []
         self.first = True
         self.device = device
+        self.probe = probe
 
     def put(self, value: Any) -> None:
         if self.first:  # generate() first pushes the prompt
             self.first = False
             return
         _sync(self.device)
-        self.times.append(time.perf_counter())
+        self.times.append(self.probe.tick() if self.probe else time.perf_counter())
 
     def end(self) -> None:
         pass
+
+
+class _BandwidthProbe:
+    """Samples the read bandwidth every ``every`` generated tokens, in the middle of a decode: the
+    bandwidth of a shared machine can change within seconds, so the bound of a run is the mean of
+    samples taken before, during and after its decode. ``tick()`` returns the token's timestamp
+    with the time spent probing removed, so the probes do not slow the measured rate."""
+
+    def __init__(self, threads: int, device: str, every: int) -> None:
+        self.threads, self.device, self.every = threads, device, every
+        self.samples: list[float] = []
+        self.paused = 0.0
+        self.count = 0
+
+    def sample(self) -> None:
+        t0 = time.perf_counter()
+        self.samples.append(measure_bandwidth(self.threads, mib=512, passes=4, repeats=2, device=self.device))
+        self.paused += time.perf_counter() - t0
+
+    def tick(self) -> float:
+        now = time.perf_counter() - self.paused
+        self.count += 1
+        if self.every and self.count % self.every == 0:
+            self.sample()
+        return now
 
 
 def _rate(times: list[float]) -> float:
@@ -205,8 +232,8 @@ def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: li
     def ids(n: int) -> torch.Tensor:
         return torch.randint(0, vocab, (1, n), generator=gen).to(device)
 
-    def timed_generate(prompt: torch.Tensor, n: int) -> list[float]:
-        """Timestamps: [start, token 1, token 2, ...]."""
+    def timed_generate(prompt: torch.Tensor, n: int, probe: _BandwidthProbe | None = None) -> list[float]:
+        """Timestamps: [start, token 1, token 2, ...] (minus the time ``probe`` spent sampling)."""
         times = [time.perf_counter()]
         with torch.no_grad():  # as generate() does (compile_decode compiles for no_grad tensors)
             if framework == "llmparts":
@@ -217,9 +244,9 @@ def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: li
                                       torch.empty(0, dtype=torch.long, device=device), 0, vocab, None,
                                       torch.zeros(1, dtype=torch.bool, device=device)):
                     _sync(device)
-                    times.append(time.perf_counter())
+                    times.append(probe.tick() if probe else time.perf_counter())
             else:
-                streamer = _Timestamps(device)
+                streamer = _Timestamps(device, probe)
                 model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, streamer=streamer, pad_token_id=0)
                 times += streamer.times
@@ -231,10 +258,15 @@ def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: li
                            "decode_tok_s": None, "context_tok_s": {}}
     for n in prefill:  # best of three: a single run on a shared machine is noisy
         out["prefill_s"][str(n)] = min(t[1] - t[0] for t in (timed_generate(ids(n), 1) for _ in range(3)))
-    out["bandwidth"] = measure_bandwidth(threads, device=device)
-    times = timed_generate(ids(128), new_tokens)
+    probe = _BandwidthProbe(threads, device, every=32)
+    probe.sample()
+    prompt = ids(128)
+    probe.paused = 0.0  # timestamps continue from here
+    times = timed_generate(prompt, new_tokens, probe)
     out["decode_tok_s"] = _rate(times[1:])
-    out["bandwidth"] = max(out["bandwidth"], measure_bandwidth(threads, device=device))  # before and after
+    probe.sample()
+    out["bandwidth_samples"] = probe.samples  # before, every 32 tokens, after
+    out["bandwidth"] = statistics.mean(probe.samples)
     for c in contexts:
         times = timed_generate(ids(c), 16)
         out["context_tok_s"][str(c)] = _rate(times[1:])
