@@ -6,7 +6,8 @@ same files, with the same threads and dtype, alternating them run by run, each r
 process:
 
 * load: wall time and peak RSS above the process's RSS before loading, against the weight bytes;
-* prefill: latency to the first new token for prompts of each ``--prefill`` length;
+* prefill: latency to the first new token for prompts of each ``--prefill`` length (after one
+  untimed prompt of that length; best of three);
 * decode: greedy tokens per second over ``--new-tokens`` tokens, prefill excluded (timed from the
   first generated token to the last);
 * the machine's read bandwidth (best of several large reductions), sampled before, every 32 tokens
@@ -256,7 +257,8 @@ def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: li
     out: dict[str, Any] = {"framework": framework, "dtype": dtype, "threads": threads, "load_s": load_s,
                            "compile_s": compile_s, "load_peak_rss": load_peak, "weight_bytes": weight_bytes, "prefill_s": {},
                            "decode_tok_s": None, "context_tok_s": {}}
-    for n in prefill:  # best of three: a single run on a shared machine is noisy
+    for n in prefill:  # steady state: one untimed prompt of this length (the allocator settles over the
+        timed_generate(ids(n), 1)  # first large prompts), then the best of three on a noisy shared machine
         out["prefill_s"][str(n)] = min(t[1] - t[0] for t in (timed_generate(ids(n), 1) for _ in range(3)))
     probe = _BandwidthProbe(threads, device, every=32)
     probe.sample()

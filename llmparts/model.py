@@ -235,8 +235,10 @@ class CausalLM(nn.Module):
 
     # ---------------------------------------------------------------------------- compilation
     def compile_decode(self, check: bool = True) -> bool:
-        """Compile the generation step with ``torch.compile`` (inductor): the per-layer projections,
-        MLPs and head, once for single-token decode steps and once (with a dynamic length) for prefill.
+        """Compile the generation step with ``torch.compile`` (inductor): for single-token decode
+        steps each block becomes one call (:func:`_block_step`: projections, cache write, attention,
+        MLP; an MLA block: its MLP, after an eager attention), for prefill (dynamic length)
+        the pieces around an eager attention; the head in both.
 
         Decode multiplies every weight by one vector: compiled, those products become streaming
         reductions near the memory bandwidth (:mod:`llmparts.modules.linear`); in prefill the matmuls
