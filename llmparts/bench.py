@@ -261,10 +261,8 @@ def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: li
         timed_generate(ids(n), 1)  # first large prompts), then the best of three on a noisy shared machine
         out["prefill_s"][str(n)] = min(t[1] - t[0] for t in (timed_generate(ids(n), 1) for _ in range(3)))
     probe = _BandwidthProbe(threads, device, every=32)
-    probe.sample()
-    prompt = ids(128)
-    probe.paused = 0.0  # timestamps continue from here
-    times = timed_generate(prompt, new_tokens, probe)
+    probe.sample()  # (shifts every tick timestamp by the same amount: rates are unaffected)
+    times = timed_generate(ids(128), new_tokens, probe)
     out["decode_tok_s"] = _rate(times[1:])
     probe.sample()
     out["bandwidth_samples"] = probe.samples  # before, every 32 tokens, after

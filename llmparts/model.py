@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LayerSpec, ModelConfig, load_config
-from .errors import ConfigError, ContextLengthError, InputError
+from .errors import ContextLengthError, InputError
 from .kv_cache import KVCache, StepPlan, plan_without_cache
 from .modules import build
 from .modules.linear import MATVEC_MAX_ROWS, Linear
