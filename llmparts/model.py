@@ -79,14 +79,7 @@ class Block(nn.Module):
             return self.forward(x, position, tables, plan, kv, start)
         if hasattr(self.attn, "project"):
             if kv is not None and x.shape[1] == 1 and mlp_compiles and "block_step" in parts:
-                k_buf, v_buf, write, n = kv.step_buffers(plan, start)
-                seen = plan.k_pos[:, :n]  # (B, n): its length is how many slots the token attends over
-                for t in (k_buf, v_buf):  # one graph for every cache size (and ring size)
-                    torch._dynamo.maybe_mark_dynamic(t, 2)
-                torch._dynamo.decorators.mark_unbacked(seen, 1)  # no specialisation or range guard on n
-                if plan.mask is not None:
-                    torch._dynamo.decorators.mark_unbacked(plan.mask, 3)
-                return parts["block_step"](self, x, position, tables, k_buf, v_buf, write, seen, plan.mask)
+                return parts["block_step"](self, x, position, tables, *_step_inputs(kv, plan, start, {}))
             q, k, v = parts["attn_in"](self, x, position, tables)
             attn = self.attn.attend(q, k, v, plan, kv, start)
             if mlp_compiles:  # one graph for the rest of the block
@@ -133,6 +126,49 @@ def _block_step(block: "Block", x: torch.Tensor, position: nn.Module, tables: Ta
     n = seen.shape[1]
     attn = block.attn.attention(q, k_buf[:, :, :n], v_buf[:, :, :n], mask, False)
     return _attn_out_mlp(block, x, attn)
+
+
+def _step_inputs(kv: Any, plan: StepPlan, start: int, seen_of: dict[Any, torch.Tensor]) -> tuple[Any, ...]:
+    """The cache inputs of :func:`_block_step` for one layer: its buffers, the slot to write and
+    ``seen``, a (B, n) view whose length n is how many slots the token attends over. For a full
+    buffer n grows every step: the buffers' slot dimension is marked dynamic and n *unbacked* (no
+    specialisation and no range guard), so one graph serves every cache length and capacity. A
+    ring is attended whole (n = its size, a constant of the model). ``seen_of`` shares one view
+    per window kind between the layers of a step (one symbolic length, not one per layer)."""
+    k_buf, v_buf, write, n = kv.step_buffers(plan, start)
+    if plan.window is None:
+        for t in (k_buf, v_buf):
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+    if plan.window not in seen_of:
+        seen_of[plan.window] = plan.k_pos[:, :n]
+        if plan.window is None:
+            torch._dynamo.decorators.mark_unbacked(seen_of[plan.window], 1)
+            if plan.mask is not None:
+                torch._dynamo.decorators.mark_unbacked(plan.mask, 3)
+    return k_buf, v_buf, write, seen_of[plan.window], plan.mask
+
+
+# Outside torch.compile a no-op; inside, every layer's block step is one nested region, compiled once
+# per distinct block structure and called for each layer (torch < 2.8 has no such regions: the
+# whole-step graph is then not used, as compiling every layer separately takes close to a minute).
+_block_region = (torch.compiler.nested_compile_region(_block_step)
+                 if hasattr(torch.compiler, "nested_compile_region") else None)
+
+
+def _model_step(model: "CausalLM", x: torch.Tensor, tables: dict[str, Tables],
+                layer_inputs: list[tuple[Any, ...]]) -> torch.Tensor:
+    """A whole one-token decode step, every block and the head, as one compiled graph: one call and
+    one guard check per token instead of one per layer (the blocks are :data:`_block_region`)."""
+    for i, block in enumerate(model.layers):
+        key = model._position_key[i]
+        x = _block_region(block, x, model.positions[key], tables[key], *layer_inputs[i])
+    return _head(model, x)
+
+
+def _steps_whole(block: "Block") -> bool:
+    """Whether a decode step runs this block as one :func:`_block_step` (GQA-style attention with
+    ``project``/``attention``, an MLP compilable in decode steps); MLA blocks do not."""
+    return hasattr(block.attn, "project") and getattr(block.mlp, "compilable", True) in (True, "decode")
 
 
 def _head(model: "CausalLM", x: torch.Tensor) -> torch.Tensor:
@@ -235,10 +271,12 @@ class CausalLM(nn.Module):
 
     # ---------------------------------------------------------------------------- compilation
     def compile_decode(self, check: bool = True) -> bool:
-        """Compile the generation step with ``torch.compile`` (inductor): for single-token decode
-        steps each block becomes one call (:func:`_block_step`: projections, cache write, attention,
-        MLP; an MLA block: its MLP, after an eager attention), for prefill (dynamic length)
-        the pieces around an eager attention; the head in both.
+        """Compile the generation step with ``torch.compile`` (inductor): a single-token decode
+        step becomes one call for the whole model (:func:`_model_step`: every block's projections,
+        cache write, attention and MLP, then the head; each block a nested compile region, compiled
+        once and reused by every layer). Models with MLA blocks run each block as one call instead
+        (an MLA block: its MLP, after an eager attention). For prefill (dynamic length), the pieces
+        around an eager attention are compiled, and the head.
 
         Decode multiplies every weight by one vector: compiled, those products become streaming
         reductions near the memory bandwidth (:mod:`llmparts.modules.linear`); in prefill the matmuls
@@ -257,6 +295,8 @@ class CausalLM(nn.Module):
         prefill: dict[str, Any] = {name: torch.compile(fn, dynamic=True) for name, fn in _DECODE_PARTS.items()}
         decode["block_step"] = torch.compile(_block_step, dynamic=None)  # dynamic where marked: cache length
         decode["single_step"], prefill["single_step"] = True, False
+        if _block_region is not None and all(_steps_whole(b) for b in self.layers):
+            decode["model_step"] = torch.compile(_model_step, dynamic=False)  # every block + head: one call
         if any(getattr(b.mlp, "compilable", True) is not True for b in self.layers):
             prefill = None  # MoE: prefill dispatch is data-dependent; compiled pieces around it measured slower
 
@@ -338,6 +378,8 @@ class CausalLM(nn.Module):
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
             raise InputError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.config.vocab_size})")
+        if last_only and labels is not None:  # (before the cache records anything)
+            raise InputError("last_only=True computes no logits for the labels; drop one of them")
         x = self.embed(input_ids)
         safe_pos = q_pos.clamp(min=0)
         tables = {key: mod.tables(safe_pos, x.dtype) for key, mod in self.positions.items()}
@@ -354,21 +396,24 @@ class CausalLM(nn.Module):
                 parts = self._decode_parts
             elif B * T > MATVEC_MAX_ROWS:  # (a few rows in between run eagerly: no third specialisation)
                 parts = self._prefill_parts  # None for MoE models: eager prefill
-        for i, block in enumerate(self.layers):
-            key = self._position_key[i]
-            kv = cache.layers[i] if cache is not None else None
-            plan = plans[block.attn.spec.window]
-            if parts is None:
-                x = block(x, self.positions[key], tables[key], plan, kv, start)
-            else:
-                x = block.decode(x, self.positions[key], tables[key], plan, kv, start, parts)
+        if parts is not None and "model_step" in parts and cache is not None and T == 1:
+            seen_of: dict[Any, torch.Tensor] = {}
+            inputs = [_step_inputs(kv, plans[b.attn.spec.window], start, seen_of) for b, kv in zip(self.layers, cache.layers)]
+            logits = parts["model_step"](self, x, tables, inputs)
+        else:
+            for i, block in enumerate(self.layers):
+                key = self._position_key[i]
+                kv = cache.layers[i] if cache is not None else None
+                plan = plans[block.attn.spec.window]
+                if parts is None:
+                    x = block(x, self.positions[key], tables[key], plan, kv, start)
+                else:
+                    x = block.decode(x, self.positions[key], tables[key], plan, kv, start, parts)
+            if last_only:  # generation needs only the next token's logits: skip the head on the rest
+                x = x[:, -1:]
+            logits = (parts["head"] if parts is not None else _head)(self, x)
         if cache is not None:
             cache.commit(q_pos)
-        if last_only:  # generation needs only the next token's logits: skip the head on the rest
-            if labels is not None:
-                raise InputError("last_only=True computes no logits for the labels; drop one of them")
-            x = x[:, -1:]
-        logits = (parts["head"] if parts is not None else _head)(self, x)
         if self.config.logit_softcap is not None:
             c = self.config.logit_softcap
             logits = c * torch.tanh(logits / c)

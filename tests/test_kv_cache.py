@@ -305,3 +305,15 @@ def test_cache_batch_size_mismatch_raises():
 
 def test_cache_error_is_llmparts_error():
     assert issubclass(CacheError, llmparts.LLMPartsError)
+
+
+def test_labels_with_last_only_raise_before_the_cache_records_anything():
+    model = tiny_model()
+    ids = ids_for(5, B=1)
+    cache = model.make_cache(1, 8)
+    with pytest.raises(llmparts.InputError, match="last_only"):
+        model(ids, cache=cache, labels=ids, last_only=True)
+    assert cache.length == 0 and bool((cache.slot_pos == -1).all())
+    with torch.no_grad():
+        model(ids, cache=cache)  # the cache is still usable from position 0
+    assert cache.length == 5
