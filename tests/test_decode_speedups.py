@@ -39,6 +39,11 @@ def test_matvec_form_equals_linear(rows):
     x = torch.randn(rows, 1, 48)
     assert torch.allclose(matvec(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias), atol=1e-6)
     assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # eager: plain F.linear
+    view = torch.randn(rows, 1, 50)[..., 1:49]  # a view with a storage offset and row gaps
+    assert torch.allclose(matvec(view, lin.weight, lin.bias), F.linear(view, lin.weight, lin.bias), atol=1e-6)
+    if _compiler_works():
+        got = torch.compile(matvec)(view, lin.weight, lin.bias)  # the input vector realised once
+        assert torch.allclose(got, F.linear(view, lin.weight, lin.bias), atol=1e-6)
 
 
 def _compiler_works() -> bool:

@@ -19,9 +19,22 @@ from torch import nn
 MATVEC_MAX_ROWS = 8  # rows (batch x tokens) up to which a compiled linear streams as a reduction
 
 
+def materialized(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself; under ``torch.compile`` it makes inductor compute ``t`` once into a buffer.
+
+    Inductor otherwise inlines the elementwise ops that produce a reduction's input (an RMSNorm,
+    a bfloat16-to-float32 cast) into the reduction's inner loop: a matrix-vector product then
+    recomputes its input vector for every weight row. That costs instructions, not memory traffic,
+    and bfloat16 products are bound by instructions here: realising the float32 input vector first
+    took a bfloat16 3072x1024 product from 19-24 to 31-40 GB/s (docs/benchmarks.md). An identity
+    ``as_strided`` is the op whose lowering realises its input.
+    """
+    return torch.as_strided(t, t.shape, t.stride())
+
+
 def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` as ``(x[..., None, :] * weight).sum(-1)`` in float32, cast back."""
-    y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
+    y = (materialized(x.float()).unsqueeze(-2) * weight.float()).sum(-1)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..registry import register_module
 from ..specs import GatedMLPSpec, MoESpec
-from .linear import MATVEC_MAX_ROWS, linear
+from .linear import MATVEC_MAX_ROWS, linear, materialized
 from .mlp import ACTIVATIONS, GatedMLP
 
 
@@ -188,12 +188,12 @@ class Experts(nn.Module):
         dtype = x.dtype
 
         def mv(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-            y = (h[..., None, :].float() * w[ids].float()).sum(-1)  # (N, k, out)
+            y = (h[..., None, :] * w[ids].float()).sum(-1)  # (N, k, out); h float32, computed once
             return (y if b is None else y + b[ids].float()).to(dtype)
 
-        xk = x[:, None, :].expand(N, k, x.shape[-1])
+        xk = materialized(x.float())[:, None, :].expand(N, k, x.shape[-1])
         h = self._activate(mv(xk, self.gate_proj, self.gate_bias), mv(xk, self.up_proj, self.up_bias))
-        y = mv(h, self.down_proj, self.down_bias)  # (N, k, D)
+        y = mv(materialized(h.float()), self.down_proj, self.down_bias)  # (N, k, D)
         return (y * weights[..., None]).to(dtype).sum(dim=1)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
