@@ -149,8 +149,8 @@ def _step_inputs(kv: Any, plan: StepPlan, start: int, seen_of: dict[Any, torch.T
 
 
 # Outside torch.compile a no-op; inside, every layer's block step is one nested region, compiled once
-# per distinct block structure and called for each layer (torch < 2.8 has no such regions: the
-# whole-step graph is then not used, as compiling every layer separately takes close to a minute).
+# per distinct block structure and called for each layer (a torch without nested_compile_region
+# keeps one call per block: tracing every layer into one graph takes close to a minute to compile).
 _block_region = (torch.compiler.nested_compile_region(_block_step)
                  if hasattr(torch.compiler, "nested_compile_region") else None)
 

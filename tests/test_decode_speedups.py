@@ -89,7 +89,7 @@ def test_compiled_decode_equals_eager_decode(overrides):
         step = model(ids[:, -1:], cache=cache)  # compiled decode parts
     assert (step - eager_step).abs().max().item() <= 1e-4
     assert (prefill - eager_prefill).abs().max().item() <= 1e-4
-    # Without MLA blocks a decode step is one compiled call for the whole model (torch >= 2.8).
+    # Without MLA blocks a decode step is one compiled call for the whole model (torch with nested regions).
     whole = compiled and hasattr(torch.compiler, "nested_compile_region") and not any("mla" in o for o in overrides)
     assert calls == [1] * whole
 
