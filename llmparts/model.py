@@ -439,6 +439,14 @@ class CausalLM(nn.Module):
         return sum((coef * load_balancing_loss(lg, k) for (coef, k), lg in groups.items()), 0.0)
 
 
+def allocate_empty(model: nn.Module, device: torch.device | str | None) -> None:
+    """Give every parameter and buffer of a meta-built model uninitialised memory on ``device``
+    (default CPU): ``nn.Module.to_empty``, without its ``empty_like`` on meta tensors, whose first
+    use in a process imports torch's Python meta kernels (half a second of every load)."""
+    dev = torch.device(device or "cpu")
+    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=dev))
+
+
 def build_model(config: str | ModelConfig | dict[str, Any], overrides: list[str] | None = None,
                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                 seed: int | None = 0) -> CausalLM:
@@ -454,7 +462,7 @@ def build_model(config: str | ModelConfig | dict[str, Any], overrides: list[str]
         model.to(dtype)
     if device is not None and torch.device(device).type == "meta":
         return model
-    model.to_empty(device=device or "cpu")
+    allocate_empty(model, device)
     model.tie_weights()
     gen = None
     if seed is not None:

@@ -15,6 +15,8 @@ Steps, each failing before any weights are read if something is wrong:
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, ModelNotFoundError
-from ..model import CausalLM
+from ..model import CausalLM, allocate_empty
 from .checkpoint import PickleCheckpoint, SafetensorsCheckpoint
 from .hub import resolve_source
 from .quant import QuantizedCheckpoint, parse_quant_config, wrap_quantized
@@ -182,9 +184,9 @@ def fill_model(model: CausalLM, ckpt: Any, rules: list[Any], device: torch.devic
         raise CheckpointError(f"{source}: {e}") from None
     # aliases are optional in the checkpoint: they are cross-checked when present
     alias_keys = {k: ts[0].param for k, ts in plan.targets.items() if ts[0].param in aliases}
-    model.to_empty(device=device or "cpu")
+    allocate_empty(model, device)
     model.tie_weights()
-    params = dict(model.named_parameters())  # to_empty made new parameter objects
+    params = dict(model.named_parameters())  # new parameter objects
 
     def dest(t: Target) -> torch.Tensor:
         p = params[t.param]
@@ -194,9 +196,24 @@ def fill_model(model: CausalLM, ckpt: Any, rules: list[Any], device: torch.devic
         own = [k for k in plan.targets if k not in alias_keys]
         direct = getattr(ckpt, "read_into", None)
         plain = {k for k in own if direct is not None and len(plan.targets[k]) == 1 and not plan.targets[k][0].ops}
-        if plain:
-            for key in ckpt.ordered(plain):  # straight into the parameter's memory, in file order
-                direct(key, dest(plan.targets[key][0]))
+        if plain:  # into the parameters' memory, in file order
+            def read(key: str) -> None:
+                with torch.no_grad():  # (grad mode is per thread)
+                    direct(key, dest(plan.targets[key][0]))
+
+            # Reads that need no temporary (same dtype, CPU) run on a few threads: file reads release
+            # the GIL, so the copies and the page faults of fresh memory proceed in parallel (Qwen3-0.6B
+            # float32, 2.4 GB: 1.6 -> 0.7 s on 2 cores). Casting or dequantizing reads stay one at a time,
+            # so that at most one temporary exists.
+            in_place = getattr(ckpt, "in_place", lambda key, out: False)
+            keys = ckpt.ordered(plain)
+            fast = {k for k in keys if in_place(k, dest(plan.targets[k][0]))}
+            with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+                for _ in pool.map(read, [k for k in keys if k in fast]):
+                    pass  # (re-raises the first error)
+            for key in keys:
+                if key not in fast:
+                    read(key)
         rest = set(own) - plain
         if rest:
             for key, tensor in ckpt.tensors(rest):

@@ -82,12 +82,16 @@ class SafetensorsCheckpoint:
             self.read_into(key, out)
             yield key, out
 
+    def in_place(self, key: str, out: torch.Tensor) -> bool:
+        """Whether :meth:`read_into` reads ``key`` straight into ``out``'s memory (no temporary)."""
+        return out.device.type == "cpu" and out.dtype == DTYPES[self.dtypes[key]] and out.is_contiguous()
+
     def read_into(self, key: str, out: torch.Tensor) -> None:
         """Read tensor ``key`` into ``out``: straight into its memory when dtype and device allow
         (no second copy), otherwise through a temporary CPU tensor and ``copy_`` (which casts)."""
         f, start, length = self._where[key]
         src_dtype = DTYPES[self.dtypes[key]]
-        direct = out.device.type == "cpu" and out.dtype == src_dtype and out.is_contiguous()
+        direct = self.in_place(key, out)
         buf = out if direct else torch.empty(self.shapes[key], dtype=src_dtype)
         with open(f, "rb") as fh:
             fh.seek(start)

@@ -27,9 +27,12 @@ Tables = tuple[torch.Tensor, torch.Tensor] | None
 def rope_inv_freq(theta: float, dim: int, scaling: Spec) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (dim / 2,) in float32 and the attention factor that multiplies cos/sin.
 
-    Follows transformers' ``ROPE_INIT_FUNCTIONS`` exactly (float32 arithmetic, same formulas).
+    Follows transformers' ``ROPE_INIT_FUNCTIONS`` exactly (float32 arithmetic, same formulas). Always
+    computed on the CPU, also inside a ``torch.device("meta")`` block (where models are built before
+    loading: meta tensors would carry no values, and their first use imports torch's meta kernels,
+    over a second).
     """
-    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     if scaling.type == "default":
         return inv, 1.0
     if isinstance(scaling, LinearRopeScaling):
@@ -49,7 +52,7 @@ def rope_inv_freq(theta: float, dim: int, scaling: Spec) -> tuple[torch.Tensor, 
         # YaRN: frequencies below the correction range are interpolated (/factor), above it kept.
         factor = scaling.factor
         assert factor is not None and scaling.attention_factor is not None, "resolve() fills these"
-        pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+        pos_freqs = theta ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
         extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
 
         def correction_dim(rotations: float) -> float:
@@ -61,7 +64,7 @@ def rope_inv_freq(theta: float, dim: int, scaling: Spec) -> tuple[torch.Tensor, 
         low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001  # avoid a division by zero
-        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
         extra = 1 - ramp
         return interpolation * (1 - extra) + extrapolation * extra, scaling.attention_factor
     raise NotImplementedError(f"rope scaling {scaling.type!r} has no implementation")
