@@ -6,6 +6,7 @@ an optional :class:`~llmparts.kv_cache.KVCache` is passed to ``forward`` explici
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -124,6 +125,9 @@ def _block_step(block: "Block", x: torch.Tensor, position: nn.Module, tables: Ta
     k_buf.index_copy_(2, write, k)
     v_buf.index_copy_(2, write, v)
     n = seen.shape[1]
+    torch._check(n <= k_buf.shape[2])  # so that the slices below are n long, not min(n, slots)
+    if mask is not None:
+        torch._check(mask.shape[-1] == n)
     attn = block.attn.attention(q, k_buf[:, :, :n], v_buf[:, :, :n], mask, False)
     return _attn_out_mlp(block, x, attn)
 
@@ -169,6 +173,14 @@ def _steps_whole(block: "Block") -> bool:
     """Whether a decode step runs this block as one :func:`_block_step` (GQA-style attention with
     ``project``/``attention``, an MLP compilable in decode steps); MLA blocks do not."""
     return hasattr(block.attn, "project") and getattr(block.mlp, "compilable", True) in (True, "decode")
+
+
+def _own_copy(fn: Any) -> Any:
+    """``fn`` with a code object of its own. Dynamo keeps compiled graphs, and its limit of 8 variants
+    (``recompile_limit``) after which it silently runs a function eagerly, per code object: without a
+    copy per :meth:`CausalLM.compile_decode` call, every model in a process would share one cache, and
+    after a few models of other shapes their decode steps would no longer be compiled."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _head(model: "CausalLM", x: torch.Tensor) -> torch.Tensor:
@@ -286,17 +298,19 @@ class CausalLM(nn.Module):
         compiler, unsupported platform) or, with ``check``, its logits differ from the eager ones, a
         warning is given and the model stays eager. Returns whether the compiled parts are in use.
         The parts are compiled for ``torch.no_grad()`` (as :func:`~llmparts.generate` runs);
-        ``torch.inference_mode()`` tensors trigger one more compilation on first use.
+        ``torch.inference_mode()`` tensors, a new batch size or a first padded batch each trigger one
+        more compilation on first use (dynamo keeps up to 8 variants of each part, per model: every
+        call compiles its own copies; beyond that a part runs eagerly).
         """
         import warnings
 
         self._decode_parts = self._prefill_parts = None
-        decode: dict[str, Any] = {name: torch.compile(fn, dynamic=False) for name, fn in _DECODE_PARTS.items()}
-        prefill: dict[str, Any] = {name: torch.compile(fn, dynamic=True) for name, fn in _DECODE_PARTS.items()}
-        decode["block_step"] = torch.compile(_block_step, dynamic=None)  # dynamic where marked: cache length
+        decode: dict[str, Any] = {name: torch.compile(_own_copy(fn), dynamic=False) for name, fn in _DECODE_PARTS.items()}
+        prefill: dict[str, Any] = {name: torch.compile(_own_copy(fn), dynamic=True) for name, fn in _DECODE_PARTS.items()}
+        decode["block_step"] = torch.compile(_own_copy(_block_step), dynamic=None)  # dynamic where marked: cache length
         decode["single_step"], prefill["single_step"] = True, False
         if _block_region is not None and all(_steps_whole(b) for b in self.layers):
-            decode["model_step"] = torch.compile(_model_step, dynamic=False)  # every block + head: one call
+            decode["model_step"] = torch.compile(_own_copy(_model_step), dynamic=False)  # every block + head: one call
         if any(getattr(b.mlp, "compilable", True) is not True for b in self.layers):
             prefill = None  # MoE: prefill dispatch is data-dependent; compiled pieces around it measured slower
 

@@ -166,3 +166,19 @@ def test_training_never_uses_compiled_parts():
     for T in (1, 7):
         ids = torch.randint(0, 256, (1, T))
         model(ids, labels=ids).backward()  # grad enabled: the compiled parts are not touched
+
+
+def test_every_model_gets_its_own_compiled_graphs():
+    """Dynamo stops compiling a function after ``recompile_limit`` variants (8) and then runs it
+    eagerly, without an error: each compile_decode call compiles its own copies, so a model of
+    another shape in the same process still gets compiled graphs (checked with the limit at 2)."""
+    if not _compiler_works():
+        pytest.skip("torch.compile does not work on this machine")
+    from torch._dynamo.utils import counters
+
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for d_model in (48, 64, 80):
+            model = llmparts.build_model("tiny/qwen3", overrides=[f"d_model={d_model}", "n_layers=1"], seed=1).eval()
+            before = counters["stats"]["unique_graphs"]
+            assert model.compile_decode()
+            assert counters["stats"]["unique_graphs"] > before, f"model {d_model}: no graph compiled"
