@@ -7,6 +7,7 @@ an optional :class:`~llmparts.kv_cache.KVCache` is passed to ``forward`` explici
 from __future__ import annotations
 
 import types
+import warnings
 from typing import Any
 
 import torch
@@ -302,8 +303,6 @@ class CausalLM(nn.Module):
         more compilation on first use (dynamo keeps up to 8 variants of each part, per model: every
         call compiles its own copies; beyond that a part runs eagerly).
         """
-        import warnings
-
         self._decode_parts = self._prefill_parts = None
         decode: dict[str, Any] = {name: torch.compile(_own_copy(fn), dynamic=False) for name, fn in _DECODE_PARTS.items()}
         prefill: dict[str, Any] = {name: torch.compile(_own_copy(fn), dynamic=True) for name, fn in _DECODE_PARTS.items()}
@@ -410,11 +409,20 @@ class CausalLM(nn.Module):
                 parts = self._decode_parts
             elif B * T > MATVEC_MAX_ROWS:  # (a few rows in between run eagerly: no third specialisation)
                 parts = self._prefill_parts  # None for MoE models: eager prefill
+        logits = None
         if parts is not None and "model_step" in parts and cache is not None and T == 1:
+            from torch._dynamo.exc import TorchDynamoException
+
             seen_of: dict[Any, torch.Tensor] = {}
             inputs = [_step_inputs(kv, plans[b.attn.spec.window], start, seen_of) for b, kv in zip(self.layers, cache.layers)]
-            logits = parts["model_step"](self, x, tables, inputs)
-        else:
+            try:
+                logits = parts["model_step"](self, x, tables, inputs)
+            except TorchDynamoException as e:  # compiling a new variant (batch size, padding) failed
+                del parts["model_step"]  # (before it ran: the cache is untouched)
+                warnings.warn(f"compile_decode: compiling the whole decode step failed for this input; decoding "
+                              f"continues one block at a time ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                              stacklevel=2)
+        if logits is None:
             for i, block in enumerate(self.layers):
                 key = self._position_key[i]
                 kv = cache.layers[i] if cache is not None else None

@@ -182,3 +182,24 @@ def test_every_model_gets_its_own_compiled_graphs():
             before = counters["stats"]["unique_graphs"]
             assert model.compile_decode()
             assert counters["stats"]["unique_graphs"] > before, f"model {d_model}: no graph compiled"
+
+
+def test_a_failing_whole_step_compile_falls_back_per_block():
+    """If compiling the whole-model step fails for a new input (a torch compiler error), that step and
+    the following ones run one block at a time, with a warning, and decode the same tokens."""
+    model = llmparts.build_model("tiny/qwen3", seed=8).eval()
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(3))
+    expected = _greedy(model, ids, 8)
+    compiled = model.compile_decode()
+    if not (compiled and "model_step" in model._decode_parts):
+        pytest.skip("no whole-model compiled step on this machine")
+    from torch._dynamo.exc import InternalTorchDynamoError
+
+    def failing(*a):
+        raise InternalTorchDynamoError("KeyError: Min(s0, u0)")
+
+    model._decode_parts["model_step"] = failing
+    with pytest.warns(UserWarning, match="compiling the whole decode step failed.*InternalTorchDynamoError"):
+        got = _greedy(model, ids, 8)
+    assert torch.equal(got, expected)
+    assert "model_step" not in model._decode_parts
