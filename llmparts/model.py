@@ -80,7 +80,7 @@ class Block(nn.Module):
         if not mlp_compiles and not parts.get("single_step", False):  # an eager MLP in a prefill
             return self.forward(x, position, tables, plan, kv, start)
         if hasattr(self.attn, "project"):
-            if kv is not None and x.shape[1] == 1 and mlp_compiles and "block_step" in parts:
+            if kv is not None and x.shape[1] == 1 and "block_step" in parts and _steps_whole(self):
                 return parts["block_step"](self, x, position, tables, *_step_inputs(kv, plan, start, {}))
             q, k, v = parts["attn_in"](self, x, position, tables)
             attn = self.attn.attend(q, k, v, plan, kv, start)

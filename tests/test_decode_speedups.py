@@ -190,9 +190,9 @@ def test_a_failing_whole_step_compile_falls_back_per_block():
     model = llmparts.build_model("tiny/qwen3", seed=8).eval()
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(3))
     expected = _greedy(model, ids, 8)
-    compiled = model.compile_decode()
-    if not (compiled and "model_step" in model._decode_parts):
-        pytest.skip("no whole-model compiled step on this machine")
+    if not (_compiler_works() and hasattr(torch.compiler, "nested_compile_region")):
+        pytest.skip("no C++ compiler for torch.compile, or a torch without nested_compile_region")
+    assert model.compile_decode() and "model_step" in model._decode_parts
     from torch._dynamo.exc import InternalTorchDynamoError
 
     def failing(*a):

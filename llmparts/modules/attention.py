@@ -63,16 +63,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     K, S = k.shape[1], k.shape[2]
     G = H // K
     qg = q.view(B, K, G * T, D)  # row g * T + t: query head k * G + g, token t
-    if torch.compiler.is_compiling():  # compiled decode step: both products as streaming reductions
-        scores = (qg.float()[..., :, None, :] * k.float()[..., None, :, :]).sum(-1) * scale
-        if mask is not None:
-            m = mask.expand(B, 1, T, S)[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
-            scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
-        probs = scores.softmax(dim=-1).to(v.dtype).float()  # rounded to v's dtype, as the eager path
-        out = (probs[..., None] * v.float()[..., None, :, :]).sum(-2)
-        return out.to(v.dtype).view(B, H, T, v.shape[-1])
-    if q.dtype == torch.float32:
-        scores = (k @ qg.transpose(-1, -2)).transpose(-1, -2)  # (B, K, G*T, S)
+    compiling = torch.compiler.is_compiling()  # compiled decode step: both products as streaming reductions
+    if compiling:
+        scores = (qg.float()[..., :, None, :] * k.float()[..., None, :, :]).sum(-1)  # (B, K, G*T, S)
+    elif q.dtype == torch.float32:
+        scores = (k @ qg.transpose(-1, -2)).transpose(-1, -2)
     else:
         scores = qg @ k.transpose(-1, -2)
     scores = scores.float() * scale
@@ -80,7 +75,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         m = mask.expand(B, 1, T, S)[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
         scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
     probs = scores.softmax(dim=-1).to(v.dtype)
-    return (probs @ v).view(B, H, T, v.shape[-1])
+    out = (probs.float()[..., None] * v.float()[..., None, :, :]).sum(-2).to(v.dtype) if compiling else probs @ v
+    return out.view(B, H, T, v.shape[-1])
 
 
 DECODE_MAX_QUERIES = 16  # query rows (heads per kv head x tokens) up to which CPU attention uses decode_attention
