@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .allocator import long_lived
 from .errors import CacheError
 from .masks import visible
 
@@ -91,10 +92,11 @@ class KVCache:
         if batch_size < 1 or max_seq_len < 1:
             raise CacheError(f"batch_size and max_seq_len must be >= 1, got {batch_size}, {max_seq_len}")
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
-        self.layers = [
-            LayerKV(w, max_seq_len if w is None else w, batch_size, *d, dtype=dtype, device=device)
-            for w, d in zip(windows, dims)
-        ]
+        with long_lived(device):  # (CPU: buffers mapped on their own, returned to the kernel when freed)
+            self.layers = [
+                LayerKV(w, max_seq_len if w is None else w, batch_size, *d, dtype=dtype, device=device)
+                for w, d in zip(windows, dims)
+            ]
         self.windows = sorted({w for w in windows if w is not None})
         self.slot_pos = torch.full((batch_size, max_seq_len), -1, dtype=torch.long, device=device)
         self.ring_pos = {w: torch.full((batch_size, w), -1, dtype=torch.long, device=device) for w in self.windows}

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .allocator import long_lived
 from .config import LayerSpec, ModelConfig, load_config
 from .errors import ContextLengthError, InputError
 from .kv_cache import KVCache, StepPlan, plan_without_cache
@@ -464,9 +465,12 @@ class CausalLM(nn.Module):
 def allocate_empty(model: nn.Module, device: torch.device | str | None) -> None:
     """Give every parameter and buffer of a meta-built model uninitialised memory on ``device``
     (default CPU): ``nn.Module.to_empty``, without its ``empty_like`` on meta tensors, whose first
-    use in a process imports torch's Python meta kernels (half a second of every load)."""
+    use in a process imports torch's Python meta kernels (half a second of every load). On the CPU it
+    also makes the C heap keep freed activation memory for reuse, the weights themselves being mapped
+    on their own (:mod:`llmparts.allocator`)."""
     dev = torch.device(device or "cpu")
-    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=dev))
+    with long_lived(dev):
+        model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=dev))
 
 
 def build_model(config: str | ModelConfig | dict[str, Any], overrides: list[str] | None = None,
