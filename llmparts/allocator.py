@@ -30,6 +30,7 @@ import contextlib
 import ctypes
 import os
 import sys
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -44,6 +45,8 @@ _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 _applied: bool | None = None
 _mallopt = None
+_lock = threading.Lock()
+_long_lived_depth = 0
 
 
 def keep_freed_memory() -> bool:
@@ -63,15 +66,23 @@ def long_lived(device: torch.device | str | None) -> Iterator[None]:
     which live long and are freed together, so that deleting them returns their memory to the kernel
     instead of leaving it in a heap that only shrinks from the top (measured: with its weights in the
     heap, deleting a float32 Qwen3-0.6B after one forward left 2.0 of its 2.4 GB in the process;
-    mapped, all of it went back). Does nothing for other devices."""
+    mapped, all of it went back). Does nothing for other devices. Nests, and may be entered by
+    several threads at once: the threshold goes back up when the last one leaves."""
+    global _long_lived_depth
     if torch.device(device or "cpu").type != "cpu" or not keep_freed_memory():
         yield
         return
-    _mallopt(_M_MMAP_THRESHOLD, LONG_LIVED_MMAP_THRESHOLD)
+    with _lock:
+        if _long_lived_depth == 0:
+            _mallopt(_M_MMAP_THRESHOLD, LONG_LIVED_MMAP_THRESHOLD)
+        _long_lived_depth += 1
     try:
         yield
     finally:
-        _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        with _lock:
+            _long_lived_depth -= 1
+            if _long_lived_depth == 0:
+                _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def _set_thresholds() -> bool:

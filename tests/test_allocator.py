@@ -113,3 +113,28 @@ def test_deleting_a_model_returns_its_weights(heap):
 def test_user_settings_are_left_alone(env):
     applied, _ = _run(**env)
     assert applied == "False"
+
+
+NESTED = r"""
+import ctypes, torch
+from llmparts import allocator
+from llmparts.allocator import long_lived
+assert allocator.keep_freed_memory()
+calls = []
+real = allocator._mallopt
+allocator._mallopt = lambda opt, value: calls.append((opt, value)) or real(opt, value)
+with long_lived("cpu"):
+    with long_lived(None):
+        pass
+    assert calls == [(-3, allocator.LONG_LIVED_MMAP_THRESHOLD)], calls  # still lowered after the inner one
+with long_lived("meta"):
+    pass
+print(calls == [(-3, allocator.LONG_LIVED_MMAP_THRESHOLD), (-3, allocator.MMAP_THRESHOLD)])
+"""
+
+
+@pytest.mark.skipif(not _is_glibc(), reason="needs glibc")
+def test_long_lived_nests():
+    res = subprocess.run([sys.executable, "-c", NESTED], capture_output=True, text=True, env=_clean_env(), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["True"]
