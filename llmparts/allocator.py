@@ -16,11 +16,11 @@ prefill), while llmparts' loader, which reads straight into the parameters, free
 reach (mapping from 32 MiB up, trimming above 64 MiB free), once per process. ``build_model`` and
 ``load_pretrained`` call it when they place a model on the CPU; they allocate the weights, and
 ``make_cache`` the KV cache buffers, inside :func:`long_lived`, so that those still get mappings of
-their own. It does nothing where it would not
-apply or where the user chose otherwise: outside Linux/glibc, with ``LLMPARTS_TUNE_MALLOC=0``, when
-glibc's malloc is already configured through the environment (``MALLOC_*_`` variables or
-``GLIBC_TUNABLES=glibc.malloc...``), or when another allocator is preloaded (jemalloc, tcmalloc,
-mimalloc). The cost: up to 64 MiB of freed memory stays in the process instead of going back to the
+their own. It does nothing where it would not apply or where the user chose otherwise: outside
+Linux/glibc, with ``LLMPARTS_TUNE_MALLOC=0``, when glibc's malloc is already configured through the
+environment (``MALLOC_*_`` variables or ``GLIBC_TUNABLES=glibc.malloc...``), or when another
+allocator is preloaded (jemalloc, tcmalloc, mimalloc). The cost: freed blocks under 32 MiB stay in
+the process for reuse (at most 64 MiB of them at the top of the heap) instead of going back to the
 kernel.
 """
 

@@ -73,7 +73,7 @@ def test_cpu_model_makes_malloc_reuse_freed_memory():
     assert faults >= 5 * 6144 * 0.9
 
 
-# Weights (128 MB in 2 MiB tensors, below the raised mmap threshold) are still mapped on their own, so
+# Weights (126 MB in tensors of 0.25-2 MiB, below the raised mmap threshold) are still mapped on their own, so
 # deleting the model gives them back to the kernel even though activations were allocated after them.
 WEIGHTS = r"""
 import gc, sys, torch
