@@ -32,6 +32,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -39,12 +40,12 @@ ENV = "LLMPARTS_TUNE_MALLOC"
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 LONG_LIVED_MMAP_THRESHOLD = 128 * 2**10  # glibc's initial one: for weights and caches
 TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # the trim threshold glibc's rule pairs with it
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 _USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 _applied: bool | None = None
-_mallopt = None
+_mallopt: Any = None
 _lock = threading.Lock()
 _long_lived_depth = 0
 
@@ -74,7 +75,7 @@ def long_lived(device: torch.device | str | None) -> Iterator[None]:
         return
     with _lock:
         if _long_lived_depth == 0:
-            _mallopt(_M_MMAP_THRESHOLD, LONG_LIVED_MMAP_THRESHOLD)
+            _mallopt(M_MMAP_THRESHOLD, LONG_LIVED_MMAP_THRESHOLD)
         _long_lived_depth += 1
     try:
         yield
@@ -82,7 +83,7 @@ def long_lived(device: torch.device | str | None) -> Iterator[None]:
         with _lock:
             _long_lived_depth -= 1
             if _long_lived_depth == 0:
-                _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def _set_thresholds() -> bool:
@@ -95,13 +96,22 @@ def _set_thresholds() -> bool:
         return False  # the user configured malloc
     if any(name in os.environ.get("LD_PRELOAD", "") for name in _OTHER_ALLOCATORS):
         return False  # malloc is not glibc's
+    mallopt = glibc_mallopt()
+    if mallopt is None:
+        return False
+    _mallopt = mallopt
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def glibc_mallopt() -> Any:
+    """glibc's ``mallopt(param, value)`` through ctypes, or None where the C library is not glibc
+    (musl's ``mallopt`` ignores these parameters) or cannot be loaded."""
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl's mallopt ignores these)
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only
         mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
+    except (OSError, AttributeError, TypeError):  # (TypeError: CDLL(None) on Windows)
+        return None
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    _mallopt = mallopt
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return mallopt

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from llmparts import allocator
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
 
 # Build a tiny model on the CPU, then 8 times allocate and fill six 4 MiB tensors and free them (as each
@@ -23,9 +25,8 @@ from llmparts import build_model
 from llmparts import allocator
 build_model("tiny/qwen3", dtype=torch.float32)
 if len(sys.argv) > 1:  # mutation check: glibc's initial thresholds (128 KiB, no adaptation)
-    import ctypes
-    libc = ctypes.CDLL(None)
-    libc.mallopt(-3, 128 * 1024), libc.mallopt(-1, 128 * 1024)
+    mallopt = allocator.glibc_mallopt()
+    mallopt(allocator.M_MMAP_THRESHOLD, 128 * 1024), mallopt(allocator.M_TRIM_THRESHOLD, 128 * 1024)
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def churn():
@@ -54,17 +55,7 @@ def _run(*args: str, **env: str) -> tuple[str, int]:
     return applied, int(faults)
 
 
-def _is_glibc() -> bool:
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).gnu_get_libc_version  # noqa: B018
-        return True
-    except AttributeError:
-        return False
-
-
-@pytest.mark.skipif(not _is_glibc(), reason="needs glibc")
+@pytest.mark.skipif(allocator.glibc_mallopt() is None, reason="needs glibc")
 def test_cpu_model_makes_malloc_reuse_freed_memory():
     applied, faults = _run()
     assert applied == "True"
@@ -94,7 +85,7 @@ print(allocator._applied, weights, loaded - before, loaded - rss())
 """
 
 
-@pytest.mark.skipif(not _is_glibc(), reason="needs glibc")
+@pytest.mark.skipif(allocator.glibc_mallopt() is None, reason="needs glibc")
 @pytest.mark.parametrize("heap", [False, True])
 def test_deleting_a_model_returns_its_weights(heap):
     res = subprocess.run([sys.executable, "-c", WEIGHTS] + (["heap"] if heap else []), capture_output=True, text=True,
@@ -116,7 +107,7 @@ def test_user_settings_are_left_alone(env):
 
 
 NESTED = r"""
-import ctypes, torch
+import torch
 from llmparts import allocator
 from llmparts.allocator import long_lived
 assert allocator.keep_freed_memory()
@@ -126,14 +117,15 @@ allocator._mallopt = lambda opt, value: calls.append((opt, value)) or real(opt, 
 with long_lived("cpu"):
     with long_lived(None):
         pass
-    assert calls == [(-3, allocator.LONG_LIVED_MMAP_THRESHOLD)], calls  # still lowered after the inner one
+    assert calls == [(allocator.M_MMAP_THRESHOLD, allocator.LONG_LIVED_MMAP_THRESHOLD)], calls  # still lowered after the inner one
 with long_lived("meta"):
     pass
-print(calls == [(-3, allocator.LONG_LIVED_MMAP_THRESHOLD), (-3, allocator.MMAP_THRESHOLD)])
+M = allocator.M_MMAP_THRESHOLD
+print(calls == [(M, allocator.LONG_LIVED_MMAP_THRESHOLD), (M, allocator.MMAP_THRESHOLD)])
 """
 
 
-@pytest.mark.skipif(not _is_glibc(), reason="needs glibc")
+@pytest.mark.skipif(allocator.glibc_mallopt() is None, reason="needs glibc")
 def test_long_lived_nests():
     res = subprocess.run([sys.executable, "-c", NESTED], capture_output=True, text=True, env=_clean_env(), timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
