@@ -189,6 +189,11 @@ def _head(model: "CausalLM", x: torch.Tensor) -> torch.Tensor:
     return model.head(model.final_norm(x)).float()
 
 
+# Inductor's generated code re-checks the size and stride of every input of every call (``size_asserts``)
+# after dynamo's guards have checked them: for Qwen3-0.6B's decode step (376 inputs, 28 nested blocks)
+# that was about 1 ms a token (measured with 28 layers of tiny width: 3.2-4.3 -> 2.0-3.0 ms a step).
+_COMPILE_OPTIONS = {"size_asserts": False}
+
 _DECODE_PARTS = {"attn_in": _attn_in, "attn_out": _attn_out, "mlp": _mlp_branch, "attn_out_mlp": _attn_out_mlp,
                  "head": _head}
 
@@ -305,12 +310,15 @@ class CausalLM(nn.Module):
         call compiles its own copies; beyond that a part runs eagerly).
         """
         self._decode_parts = self._prefill_parts = None
-        decode: dict[str, Any] = {name: torch.compile(_own_copy(fn), dynamic=False) for name, fn in _DECODE_PARTS.items()}
-        prefill: dict[str, Any] = {name: torch.compile(_own_copy(fn), dynamic=True) for name, fn in _DECODE_PARTS.items()}
-        decode["block_step"] = torch.compile(_own_copy(_block_step), dynamic=None)  # dynamic where marked: cache length
+        def compiled(fn: Any, dynamic: bool | None) -> Any:
+            return torch.compile(_own_copy(fn), dynamic=dynamic, options=_COMPILE_OPTIONS)
+
+        decode: dict[str, Any] = {name: compiled(fn, False) for name, fn in _DECODE_PARTS.items()}
+        prefill: dict[str, Any] = {name: compiled(fn, True) for name, fn in _DECODE_PARTS.items()}
+        decode["block_step"] = compiled(_block_step, None)  # dynamic where marked: the cache length
         decode["single_step"], prefill["single_step"] = True, False
         if _block_region is not None and all(_steps_whole(b) for b in self.layers):
-            decode["model_step"] = torch.compile(_own_copy(_model_step), dynamic=False)  # every block + head: one call
+            decode["model_step"] = compiled(_model_step, False)  # every block + head: one call
         if any(getattr(b.mlp, "compilable", True) is not True for b in self.layers):
             prefill = None  # MoE: prefill dispatch is data-dependent; compiled pieces around it measured slower
 
