@@ -71,8 +71,8 @@ class Block(nn.Module):
                parts: dict[str, Any]) -> torch.Tensor:
         """:meth:`forward` for one decode step, running the projections through compiled ``parts``.
 
-        Attention modules with ``project``/``attend`` (GQA) have their projections compiled; others
-        (MLA) run eagerly. An MLP with ``compilable = False`` runs eagerly, with ``"decode"`` (MoE,
+        Attention modules with ``project``/``attend`` (GQA, MLA) have their projections compiled;
+        others run eagerly. An MLP with ``compilable = False`` runs eagerly, with ``"decode"`` (MoE,
         whose prefill dispatch is data-dependent) only single-token steps are compiled.
         """
         mlp_compiles = getattr(self.mlp, "compilable", True)  # True, False, or "decode": single steps only
@@ -172,8 +172,9 @@ def _model_step(model: "CausalLM", x: torch.Tensor, tables: dict[str, Tables],
 
 
 def _steps_whole(block: "Block") -> bool:
-    """Whether a decode step runs this block as one :func:`_block_step` (GQA-style attention with
-    ``project``/``attention``, an MLP compilable in decode steps); MLA blocks do not."""
+    """Whether a decode step runs this block as one :func:`_block_step`: attention with
+    ``project``/``attention`` (GQA; MLA, whose cache "key" is its latent) and an MLP compilable in
+    decode steps."""
     return hasattr(block.attn, "project") and getattr(block.mlp, "compilable", True) in (True, "decode")
 
 
@@ -293,9 +294,8 @@ class CausalLM(nn.Module):
         """Compile the generation step with ``torch.compile`` (inductor): a single-token decode
         step becomes one call for the whole model (:func:`_model_step`: every block's projections,
         cache write, attention and MLP, then the head; each block a nested compile region, compiled
-        once and reused by every layer). Models with MLA blocks run each block as one call instead
-        (an MLA block: its MLP, after an eager attention). For prefill (dynamic length), the pieces
-        around an eager attention are compiled, and the head.
+        once and reused by every layer; MLA blocks attend in latent space, absorbed). For prefill
+        (dynamic length), the pieces around an eager attention are compiled, and the head.
 
         Decode multiplies every weight by one vector: compiled, those products become streaming
         reductions near the memory bandwidth (:mod:`llmparts.modules.linear`); in prefill the matmuls

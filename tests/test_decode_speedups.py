@@ -89,8 +89,8 @@ def test_compiled_decode_equals_eager_decode(overrides):
         step = model(ids[:, -1:], cache=cache)  # compiled decode parts
     assert (step - eager_step).abs().max().item() <= 1e-4
     assert (prefill - eager_prefill).abs().max().item() <= 1e-4
-    # Without MLA blocks a decode step is one compiled call for the whole model (torch with nested regions).
-    whole = compiled and hasattr(torch.compiler, "nested_compile_region") and not any("mla" in o for o in overrides)
+    # A decode step is one compiled call for the whole model (torch with nested regions), MLA blocks included.
+    whole = compiled and hasattr(torch.compiler, "nested_compile_region")
     assert calls == [1] * whole
 
 
@@ -125,21 +125,30 @@ def test_compiled_decode_for_models_of_different_shapes_in_one_process():
         assert calls == [9] * (compiled and hasattr(torch.compiler, "nested_compile_region"))  # steps after the prefill
 
 
-def test_compiled_decode_step_with_padding_and_long_caches():
+MLA_LAYERS = ("attention={type: mla, n_heads: 4, kv_lora_rank: 16, qk_nope_head_dim: 8, qk_rope_head_dim: 8, "
+              "v_head_dim: 8, q_lora_rank: 12}")
+
+
+@pytest.mark.parametrize("overrides", [["layers[1].attention.window=7"],
+                                       [MLA_LAYERS, "layers[1].attention.window=7"]])  # MLA: latent cache, ring
+def test_compiled_decode_step_with_padding_and_long_caches(overrides):
     """The compiled decode step writes the cache itself and attends over a dynamic number of slots:
     left-padded batches (a mask), caches of other sizes and lengths past the compiled trial's all
     decode as eagerly, without recompiling the step for each new length."""
-    model = llmparts.build_model("tiny/qwen3", overrides=["layers[1].attention.window=7"], seed=6).eval()
+    model = llmparts.build_model("tiny/qwen3", overrides=overrides, seed=6).eval()
     ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # row 1 is left-padded
     expected = [generate(model, None, ids, max_new_tokens=30, attention_mask=mask), _greedy(model, ids[:1, :3], 40)]
-    assert model.compile_decode() or not _compiler_works()
+    compiled = model.compile_decode()
+    assert compiled or not _compiler_works()
     generate(model, None, ids, max_new_tokens=2, attention_mask=mask)  # compiles the masked variant once
+    calls = _count_model_steps(model)
     with torch.compiler.set_stance("fail_on_recompile"):  # every later length reuses the same graphs
         got = [generate(model, None, ids, max_new_tokens=30, attention_mask=mask), _greedy(model, ids[:1, :3], 40)]
     for g, e in zip(got, expected):
         assert torch.equal(g, e)
+    assert calls == [29 + 39] * (compiled and hasattr(torch.compiler, "nested_compile_region"))  # one call a step
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):

@@ -46,11 +46,13 @@ from torch import nn
 
 from ..kv_cache import LayerKV, StepPlan
 from ..registry import register_module
+from .attention import decode_attention
 from .linear import Linear
 from ..specs import MLASpec, Spec
 from .position import Tables
 
-# Automatic path choice: absorbed when a cache is used and at most this many queries arrive per step.
+# Automatic path choice: absorbed when a step attends over cached keys and at most this many queries
+# arrive per step.
 # The FLOP model puts the crossover at T ~ (nope + v) r / (2 r - nope - v), independent of H: ~170
 # for DeepSeek-V2/V3 and Kimi K2 (nope = v = 128, r = 512). Measured on CPU (torch 2.13, float32,
 # 2 threads, mean of 20) with DeepSeek-V2-Lite shapes (H 16), B 1, S 1024 cached keys:
@@ -104,29 +106,52 @@ class MLA(nn.Module):
         """One cache "head" holding ``[c, k_rope]`` as the key, and no value."""
         return 1, self.kv_lora_rank + self.rope_dim, 0
 
-    def forward(self, x: torch.Tensor, position: nn.Module, tables: Tables, plan: StepPlan,
-                kv: LayerKV | None = None, start: int = 0) -> torch.Tensor:
-        """x (B, T, d_model) -> (B, T, d_model). ``plan`` carries the mask; ``kv`` the layer's latent cache."""
+    def project(self, x: torch.Tensor, position: nn.Module, tables: Tables) -> tuple[torch.Tensor, ...]:
+        """x (B, T, d_model) -> q (B, H, T, nope + dr) with its rope dims rotated, and this step's
+        cache entry as the "key" of one shared head: the latent ``[c, k_rope]`` (B, 1, T, r + dr);
+        the "value" is empty (B, 1, T, 0). The same interface as GQA's ``Attention.project``."""
         B, T, _ = x.shape
         H, r, dr = self.n_heads, self.kv_lora_rank, self.rope_dim
         q = self.q_proj(x) if self.spec.q_lora_rank is None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
         q = q.view(B, T, H, self.qk_dim).transpose(1, 2)  # (B, H, T, nope + dr)
         q_nope, q_rope = q.split([self.nope_dim, dr], dim=-1)
-        q_rope = position.rotate(q_rope, tables)
+        q = torch.cat((q_nope, position.rotate(q_rope, tables)), dim=-1)
         ckv = self.kv_a_proj(x)  # (B, T, r + dr)
         c = self.kv_a_norm(ckv[..., :r])
         k_rope = position.rotate(ckv[..., r:][:, None], tables)  # (B, 1, T, dr): one head shared by all
         latent = torch.cat((c[:, None], k_rope), dim=-1)  # (B, 1, T, r + dr)
-        if kv is not None:
-            latent, _ = kv.update(latent, latent.new_empty(B, 1, T, 0), plan, start)  # (B, 1, S, r + dr)
-        absorb = self.absorb if self.absorb is not None else (kv is not None and T <= ABSORB_MAX_T)
-        if absorb:
-            out = self._absorbed(q_nope, q_rope, latent, plan)
-        else:
-            out = self._naive(q_nope, q_rope, latent, plan)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
+        return q, latent, latent.new_empty(B, 1, T, 0)
 
-    def _naive(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, latent: torch.Tensor, v: torch.Tensor, plan: StepPlan,
+               kv: LayerKV | None = None, start: int = 0) -> torch.Tensor:
+        """Store this step's latents in the cache, attend; -> (B, T, H * v) before ``o_proj``."""
+        if kv is not None:
+            latent, v = kv.update(latent, v, plan, start)  # (B, 1, S, r + dr)
+        return self.attention(q, latent, v, plan.mask, plan.is_causal)
+
+    def attention(self, q: torch.Tensor, latent: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  is_causal: bool) -> torch.Tensor:
+        """q (B, H, T, nope + dr) over every latent it may see (B, 1, S, r + dr); -> (B, T, H * v).
+        ``v`` is the cache's empty value. Absorbed when ``absorb`` says so or, automatically, when
+        the step attends over cached keys (S > T) with at most :data:`ABSORB_MAX_T` queries."""
+        B, H, T, _ = q.shape
+        S = latent.shape[2]
+        absorb = self.absorb if self.absorb is not None else (S > T and T <= ABSORB_MAX_T)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        if absorb:
+            out = self._absorbed(q_nope, q_rope, latent, mask, is_causal)
+        else:
+            out = self._naive(q_nope, q_rope, latent, mask, is_causal)
+        return out.transpose(1, 2).reshape(B, T, H * self.v_dim)
+
+    def forward(self, x: torch.Tensor, position: nn.Module, tables: Tables, plan: StepPlan,
+                kv: LayerKV | None = None, start: int = 0) -> torch.Tensor:
+        """x (B, T, d_model) -> (B, T, d_model). ``plan`` carries the mask; ``kv`` the layer's latent cache."""
+        q, latent, v = self.project(x, position, tables)
+        return self.o_proj(self.attend(q, latent, v, plan, kv, start))
+
+    def _naive(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None,
+               is_causal: bool) -> torch.Tensor:
         """Expand per-head keys and values from the latent, then SDPA. Returns (B, H, T, v)."""
         B, H, T, _ = q_nope.shape
         S = latent.shape[2]
@@ -140,31 +165,33 @@ class MLA(nn.Module):
             # SDPA's fused CPU kernel needs value dim == query dim; otherwise it materialises the scores
             # (math path). Zero value columns change nothing and are sliced off: 2.4x faster attention
             # (512 tokens, 8 heads, dims 96/64: 16 ms -> 6.6 ms float32, 11 -> 6 ms bfloat16).
-            out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), attn_mask=plan.mask,
-                                                 is_causal=plan.is_causal, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), attn_mask=mask,
+                                                 is_causal=is_causal, scale=self.scale)
             return out[..., : self.v_dim]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.is_causal, scale=self.scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
 
     def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
-                  plan: StepPlan) -> torch.Tensor:
+                  mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         """Attention in latent space, ``W_UK`` folded into the queries and ``W_UV`` into the output.
 
         Scores ``[q_nope W_UK, q_rope] . [c, k_rope]`` need no per-key expansion: the cached latent
-        is the one shared key. H is folded into the query axis so each product is one batched
-        matmul over B, without copying the latent H times. Returns (B, H, T, v).
+        is the one shared key, and ``c`` its value: multi-query attention of the H heads over the
+        latent (:func:`~llmparts.modules.attention.decode_attention`, which inside a compiled decode
+        step streams the cache as float32 reductions). Returns (B, H, T, v).
         """
         B, H, T, _ = q_nope.shape
         S = latent.shape[2]
         w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, r), (H, v, r)
-        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
-        q_cat = torch.cat((q_latent, q_rope), dim=-1).reshape(B, H * T, -1)  # (B, H*T, r + dr)
-        scores = (q_cat @ latent[:, 0].transpose(1, 2)).view(B, H, T, S) * self.scale
-        mask = plan.mask
-        if mask is None and plan.is_causal:
+        compiling = torch.compiler.is_compiling()  # per-head matrix-vector products as streaming reductions
+        if compiling:
+            q_latent = (q_nope.float()[..., :, None] * w_uk.float()[:, None]).sum(-2).to(q_nope.dtype)  # (B, H, T, r)
+        else:
+            q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
+        q_cat = torch.cat((q_latent, q_rope), dim=-1)  # (B, H, T, r + dr)
+        if mask is None and is_causal:
             mask = torch.ones(T, S, dtype=torch.bool, device=q_nope.device).tril(S - T)[None, None]
-        if mask is not None:  # the dtype's most negative finite value keeps fully masked rows finite
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.float(), dim=-1).to(q_nope.dtype)
-        o_latent = probs.view(B, H * T, S) @ latent[:, 0, :, : self.kv_lora_rank]  # (B, H*T, r)
-        return torch.einsum("bhtr,hvr->bhtv", o_latent.view(B, H, T, -1), w_uv)  # (B, H, T, v)
+        o_latent = decode_attention(q_cat, latent, latent[..., : self.kv_lora_rank], mask, self.scale)  # (B, H, T, r)
+        if compiling:
+            return (o_latent.float()[..., None, :] * w_uv.float()[:, None]).sum(-1).to(o_latent.dtype)
+        return torch.einsum("bhtr,hvr->bhtv", o_latent, w_uv)  # (B, H, T, v)
