@@ -58,12 +58,24 @@ def _greedy(model, ids, n=12):
     return generate(model, None, ids, max_new_tokens=n)
 
 
+# DeepSeek-V3's layout at tiny size: MLA with low-rank queries, interleaved YaRN RoPE, a dense first
+# layer, then a grouped sigmoid router with a correction bias and a shared expert.
+DEEPSEEK_V3_TINY = ["attention={type: mla, n_heads: 4, q_lora_rank: 24, kv_lora_rank: 16, qk_nope_head_dim: 8, "
+                    "qk_rope_head_dim: 8, v_head_dim: 8}",
+                    "position={type: rope, theta: 10000.0, layout: interleaved, scaling: {type: yarn, factor: 4.0, "
+                    "original_max_seq_len: 64, mscale: 1.0, mscale_all_dim: 1.0}}",
+                    "mlp={type: moe, n_experts: 8, top_k: 2, hidden_dim: 32, router: sigmoid, correction_bias: true, "
+                    "n_groups: 4, topk_groups: 2, normalize: true, scaling_factor: 2.5, shared_hidden_dim: 32}",
+                    "layers[0].mlp={type: gated, hidden_dim: 96, activation: silu}"]
+
+
 @pytest.mark.parametrize("overrides", [[], ["attention.window=6", "tie_embeddings=false"],
                                        ["layers[::2].attention.window=5"],  # rings and full buffers
                                        ["attention.sinks=true", "attention.softcap=20.0"],
                                        ["mlp={type: moe, n_experts: 4, top_k: 2, hidden_dim: 32}"],
                                        ["layers[2:].attention={type: mla, n_heads: 4, kv_lora_rank: 16, "
-                                        "qk_nope_head_dim: 8, qk_rope_head_dim: 8, v_head_dim: 8}"]])
+                                        "qk_nope_head_dim: 8, qk_rope_head_dim: 8, v_head_dim: 8}"],
+                                       DEEPSEEK_V3_TINY])
 def test_compiled_decode_equals_eager_decode(overrides):
     """compile_decode either compiles (and then decodes the same tokens as eager, with logits within
     float32 rounding) or warns and stays eager; both are correct outcomes of the same contract."""

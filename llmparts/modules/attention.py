@@ -48,7 +48,8 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                      scale: float) -> torch.Tensor:
-    """Attention for a few query tokens on CPU, as two batched matmuls per kv head.
+    """Attention for a few query tokens on CPU, as two batched matmuls per kv head (also MLA's
+    absorbed attention, on any device: H query heads over one latent "kv head").
 
     SDPA's CPU kernel is built for long queries: for one decode token it reads a long cache slowly
     (float32, 4096 keys: 4 ms per layer against 1.8 here) and bfloat16 is slower still (7.5 ms
