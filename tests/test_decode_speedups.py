@@ -58,6 +58,10 @@ def _greedy(model, ids, n=12):
     return generate(model, None, ids, max_new_tokens=n)
 
 
+MLA_LAYERS = ("attention={type: mla, n_heads: 4, kv_lora_rank: 16, qk_nope_head_dim: 8, qk_rope_head_dim: 8, "
+              "v_head_dim: 8, q_lora_rank: 12}")
+
+
 # DeepSeek-V3's layout at tiny size: MLA with low-rank queries, interleaved YaRN RoPE, a dense first
 # layer, then a grouped sigmoid router with a correction bias and a shared expert.
 DEEPSEEK_V3_TINY = ["attention={type: mla, n_heads: 4, q_lora_rank: 24, kv_lora_rank: 16, qk_nope_head_dim: 8, "
@@ -135,10 +139,6 @@ def test_compiled_decode_for_models_of_different_shapes_in_one_process():
         calls = _count_model_steps(model)
         assert torch.equal(_greedy(model, ids, 10), expected)
         assert calls == [9] * (compiled and hasattr(torch.compiler, "nested_compile_region"))  # steps after the prefill
-
-
-MLA_LAYERS = ("attention={type: mla, n_heads: 4, kv_lora_rank: 16, qk_nope_head_dim: 8, qk_rope_head_dim: 8, "
-              "v_head_dim: 8, q_lora_rank: 12}")
 
 
 @pytest.mark.parametrize("overrides", [["layers[1].attention.window=7"],
