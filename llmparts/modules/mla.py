@@ -137,11 +137,7 @@ class MLA(nn.Module):
         B, H, T, _ = q.shape
         S = latent.shape[2]
         absorb = self.absorb if self.absorb is not None else (S > T and T <= ABSORB_MAX_T)
-        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        if absorb:
-            out = self._absorbed(q_nope, q_rope, latent, mask, is_causal)
-        else:
-            out = self._naive(q_nope, q_rope, latent, mask, is_causal)
+        out = (self._absorbed if absorb else self._naive)(q, latent, mask, is_causal)
         return out.transpose(1, 2).reshape(B, T, H * self.v_dim)
 
     def forward(self, x: torch.Tensor, position: nn.Module, tables: Tables, plan: StepPlan,
@@ -150,16 +146,14 @@ class MLA(nn.Module):
         q, latent, v = self.project(x, position, tables)
         return self.o_proj(self.attend(q, latent, v, plan, kv, start))
 
-    def _naive(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None,
-               is_causal: bool) -> torch.Tensor:
+    def _naive(self, q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         """Expand per-head keys and values from the latent, then SDPA. Returns (B, H, T, v)."""
-        B, H, T, _ = q_nope.shape
+        B, H, T, _ = q.shape
         S = latent.shape[2]
         c, k_rope = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(c[:, 0]).view(B, S, H, self.nope_dim + self.v_dim).transpose(1, 2)  # (B, H, S, nope + v)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_rope.expand(B, H, S, self.rope_dim)), dim=-1)  # (B, H, S, nope + dr)
-        q = torch.cat((q_nope, q_rope), dim=-1)
         pad = self.qk_dim - self.v_dim
         if q.device.type == "cpu" and pad > 0:
             # SDPA's fused CPU kernel needs value dim == query dim; otherwise it materialises the scores
@@ -170,8 +164,7 @@ class MLA(nn.Module):
             return out[..., : self.v_dim]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
 
-    def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
-                  mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    def _absorbed(self, q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         """Attention in latent space, ``W_UK`` folded into the queries and ``W_UV`` into the output.
 
         Scores ``[q_nope W_UK, q_rope] . [c, k_rope]`` need no per-key expansion: the cached latent
@@ -179,8 +172,9 @@ class MLA(nn.Module):
         latent (:func:`~llmparts.modules.attention.decode_attention`, which inside a compiled decode
         step streams the cache as float32 reductions). Returns (B, H, T, v).
         """
-        B, H, T, _ = q_nope.shape
+        B, H, T, _ = q.shape
         S = latent.shape[2]
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, r), (H, v, r)
         compiling = torch.compiler.is_compiling()  # per-head matrix-vector products as streaming reductions
