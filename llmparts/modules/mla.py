@@ -47,7 +47,7 @@ from torch import nn
 from ..kv_cache import LayerKV, StepPlan
 from ..registry import register_module
 from .attention import decode_attention
-from .linear import Linear
+from .linear import Linear, matvec
 from ..specs import MLASpec, Spec
 from .position import Tables
 
@@ -178,14 +178,14 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, r), (H, v, r)
         compiling = torch.compiler.is_compiling()  # per-head matrix-vector products as streaming reductions
-        if compiling:
-            q_latent = (q_nope.float()[..., :, None] * w_uk.float()[:, None]).sum(-2).to(q_nope.dtype)  # (B, H, T, r)
+        if compiling:  # (weights (H, 1, out, in) against (B, H, T, in))
+            q_latent = matvec(q_nope, w_uk.transpose(1, 2)[:, None])  # (B, H, T, r)
         else:
             q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
         q_cat = torch.cat((q_latent, q_rope), dim=-1)  # (B, H, T, r + dr)
         if mask is None and is_causal:
-            mask = torch.ones(T, S, dtype=torch.bool, device=q_nope.device).tril(S - T)[None, None]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
         o_latent = decode_attention(q_cat, latent, latent[..., : self.kv_lora_rank], mask, self.scale)  # (B, H, T, r)
         if compiling:
-            return (o_latent.float()[..., None, :] * w_uv.float()[:, None]).sum(-1).to(o_latent.dtype)
-        return torch.einsum("bhtr,hvr->bhtv", o_latent, w_uv)  # (B, H, T, v)
+            return matvec(o_latent, w_uv[:, None])  # (B, H, T, v)
+        return torch.einsum("bhtr,hvr->bhtv", o_latent, w_uv)
