@@ -227,6 +227,8 @@ class CausalLM(nn.Module):
             self._position_key.append(keys[spec.position])
         self.tie_weights()
         self._decode_parts: dict[str, Any] | None = None  # set by compile_decode()
+        # Modules told before and after each use of the compiled parts (``compiled_step(active)``).
+        self._step_modules: list[nn.Module] = []
         self._prefill_parts: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------ parameters
@@ -310,6 +312,7 @@ class CausalLM(nn.Module):
         call compiles its own copies; beyond that a part runs eagerly).
         """
         self._decode_parts = self._prefill_parts = None
+        self._step_modules = [m for m in self.modules() if hasattr(m, "compiled_step")]
         def compiled(fn: Any, dynamic: bool | None) -> Any:
             return torch.compile(_own_copy(fn), dynamic=dynamic, options=_COMPILE_OPTIONS)
 
@@ -418,6 +421,28 @@ class CausalLM(nn.Module):
                 parts = self._decode_parts
             elif B * T > MATVEC_MAX_ROWS:  # (a few rows in between run eagerly: no third specialisation)
                 parts = self._prefill_parts  # None for MoE models: eager prefill
+        for m in self._step_modules if parts is not None else ():
+            m.compiled_step(True)
+        try:
+            logits = self._blocks(x, tables, plans, cache, start, parts, T, last_only)
+        finally:
+            for m in self._step_modules if parts is not None else ():
+                m.compiled_step(False)
+        if cache is not None:
+            cache.commit(q_pos)
+        if self.config.logit_softcap is not None:
+            c = self.config.logit_softcap
+            logits = c * torch.tanh(logits / c)
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        if self.training:
+            loss = loss + self.aux_loss()
+        return loss
+
+    def _blocks(self, x: torch.Tensor, tables: dict[str, Tables], plans: dict[Any, StepPlan], cache: KVCache | None,
+                start: int, parts: dict[str, Any] | None, T: int, last_only: bool) -> torch.Tensor:
+        """The blocks and the head: eagerly, or through the compiled parts (one call for a decode step)."""
         logits = None
         if parts is not None and "model_step" in parts and cache is not None and T == 1:
             from torch._dynamo.exc import TorchDynamoException
@@ -430,7 +455,7 @@ class CausalLM(nn.Module):
                 del parts["model_step"]  # (before it ran: the cache is untouched)
                 warnings.warn(f"compile_decode: compiling the whole decode step failed for this input; decoding "
                               f"continues one block at a time ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                              stacklevel=2)
+                              stacklevel=3)
         if logits is None:
             for i, block in enumerate(self.layers):
                 key = self._position_key[i]
@@ -443,17 +468,7 @@ class CausalLM(nn.Module):
             if last_only:  # generation needs only the next token's logits: skip the head on the rest
                 x = x[:, -1:]
             logits = (parts["head"] if parts is not None else _head)(self, x)
-        if cache is not None:
-            cache.commit(q_pos)
-        if self.config.logit_softcap is not None:
-            c = self.config.logit_softcap
-            logits = c * torch.tanh(logits / c)
-        if labels is None:
-            return logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-        if self.training:
-            loss = loss + self.aux_loss()
-        return loss
+        return logits
 
     def aux_loss(self) -> torch.Tensor | float:
         """The mixture-of-experts load-balancing loss of the last training forward, weighted by

@@ -224,3 +224,33 @@ def test_a_failing_whole_step_compile_falls_back_per_block():
         got = _greedy(model, ids, 8)
     assert torch.equal(got, expected)
     assert "model_step" not in model._decode_parts
+
+
+@pytest.mark.parametrize("how", ["replaced", "re-pointed"])
+def test_compiled_moe_decode_follows_gate_and_up_changed_after_compiling(how):
+    """A compiled MoE decode step reads each layer's gate and up as the one tensor they view, checked
+    before every step: after a user replaces or re-points one of them, decoding follows the new
+    weights (as eagerly) in one call a step, and no shared tensor stays on the module between steps."""
+    model = llmparts.build_model("tiny/qwen3", overrides=["mlp={type: moe, n_experts: 4, top_k: 2, hidden_dim: 32}"],
+                                 seed=9).eval()
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(4))
+    before = _greedy(model, ids, 10)
+    compiled = model.compile_decode()
+    assert compiled or not _compiler_works()
+    assert torch.equal(_greedy(model, ids, 10), before)
+    for block in model.layers:
+        ex = block.mlp.experts
+        assert ex.step_gate_up is None and ex.gate_up() is not None
+        new = ex.gate_proj.detach().clone().mul_(-3.0)
+        if how == "replaced":
+            ex.gate_proj = torch.nn.Parameter(new)
+        else:
+            ex.gate_proj.data = new
+        assert ex.gate_up() is None
+    parts, model._decode_parts = model._decode_parts, None
+    expected = _greedy(model, ids, 10)  # eager
+    assert not torch.equal(expected, before)
+    model._decode_parts = parts
+    calls = _count_model_steps(model)
+    assert torch.equal(_greedy(model, ids, 10), expected)
+    assert calls == [9] * (compiled and hasattr(torch.compiler, "nested_compile_region"))

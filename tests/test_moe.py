@@ -377,3 +377,63 @@ def test_grouped_matmul_path_equals_expert_loop(name):
     with torch.enable_grad():
         loop = moe(x)
     assert (grouped - loop.detach()).abs().max().item() <= 1e-5 * max(1.0, loop.abs().max().item())
+
+
+def test_gate_and_up_are_views_of_one_tensor_through_conversions_and_copies():
+    """Gate and up (the checkpoints' two parameter names, (E, F, D) each) view one (E, 2F, D) tensor,
+    expert by expert, so that prefill multiplies both at once; conversions, meta-device builds,
+    loading and copies keep it so, with the values and names unchanged."""
+    import copy
+
+    moe = make(**CASES["topk_softmax_gptoss"])
+    ex = moe.experts
+    E, Fd, _ = ex.gate_proj.shape
+    assert [n for n, _ in ex.named_parameters()][:2] == ["gate_proj", "up_proj"]
+    assert ex.gate_proj.shape == ex.up_proj.shape == (8, FH, D)
+
+    def joint_holds(e) -> None:
+        gu = e.gate_up()
+        assert gu is not None and gu.shape == (E, 2 * Fd, D)
+        assert torch.equal(gu, torch.cat((e.gate_proj, e.up_proj), 1))
+        assert gu.data_ptr() == e.gate_proj.data_ptr()
+
+    joint_holds(ex)
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    moe.to(torch.float64)
+    joint_holds(ex)
+    assert all(torch.equal(before[k].double(), v) for k, v in moe.state_dict().items() if k != "router.correction_bias")
+    moe.float()
+    twin = copy.deepcopy(moe)  # deepcopy clones parameters one by one
+    joint_holds(twin.experts)
+    assert twin.experts.gate_proj.data_ptr() != ex.gate_proj.data_ptr()
+    with torch.device("meta"):
+        fresh = build(moe.spec, d_model=D)
+    assert fresh.experts.gate_up() is None  # meta tensors hold nothing
+    fresh.to_empty(device="cpu")
+    fresh.load_state_dict(moe.state_dict())  # in place, into the views
+    joint_holds(fresh.experts)
+    x = torch.randn(3, 5, D)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), moe(x)) and torch.equal(twin(x), moe(x))
+
+
+@pytest.mark.parametrize("how", ["replaced", "re-pointed"])
+def test_separate_gate_and_up_still_compute_the_same(how):
+    """A gate or up parameter that no longer views the shared tensor (a user's own Parameter, or
+    ``.data`` set) is used as it is, by the per-expert loop and the grouped matmuls alike."""
+    from llmparts.modules.moe import GROUPED_MIN_ROWS
+
+    moe = make(**CASES["gelu_tanh_shared_bias"])
+    new = moe.experts.up_proj.detach().clone() * 1.5
+    if how == "replaced":
+        moe.experts.up_proj = torch.nn.Parameter(new)
+    else:
+        moe.experts.up_proj.data = new
+    assert moe.experts.gate_up() is None
+    x = torch.randn(2, GROUPED_MIN_ROWS, D, dtype=torch.float64)
+    moe.double()
+    assert moe.experts.gate_up() is None  # a conversion does not join what the user separated
+    with torch.no_grad():
+        grouped = moe(x)
+    assert rel_err(grouped, naive(moe, x)) < 1e-12
+    assert torch.equal(moe.experts.up_proj, new.double())
