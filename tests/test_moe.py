@@ -117,9 +117,13 @@ CASES = {
 def test_matches_naive_reference(case):
     moe = make(**CASES[case])
     x = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(1)) * 2
-    out = moe(x)
+    out = moe(x)  # with gradients: gate and up as two products, per expert
     assert out.shape == x.shape and out.dtype == x.dtype
-    assert rel_err(out, naive(moe, x)) <= 2e-6
+    ref = naive(moe, x)
+    assert rel_err(out, ref) <= 2e-6
+    with torch.no_grad():  # inference: gate and up as one product (per expert, or grouped from 64 rows)
+        assert rel_err(moe(x), ref) <= 2e-6
+        assert rel_err(moe(x[:1, :2]), naive(moe, x[:1, :2])) <= 2e-6  # per expert
 
 
 @pytest.mark.parametrize("case", ["softmax_groups", "topk_softmax_groups", "sigmoid_deepseek"])
