@@ -309,7 +309,9 @@ class CausalLM(nn.Module):
         The parts are compiled for ``torch.no_grad()`` (as :func:`~llmparts.generate` runs);
         ``torch.inference_mode()`` tensors, a new batch size or a first padded batch each trigger one
         more compilation on first use (dynamo keeps up to 8 variants of each part, per model: every
-        call compiles its own copies; beyond that a part runs eagerly).
+        call compiles its own copies; beyond that a part runs eagerly). Modules with a
+        ``compiled_step(active)`` method (MoE experts, to hand their joint gate/up tensor to the
+        step) are called with True before and False after every use of the compiled parts.
         """
         self._decode_parts = self._prefill_parts = None
         self._step_modules = [m for m in self.modules() if hasattr(m, "compiled_step")]

@@ -254,3 +254,32 @@ def test_compiled_moe_decode_follows_gate_and_up_changed_after_compiling(how):
     calls = _count_model_steps(model)
     assert torch.equal(_greedy(model, ids, 10), expected)
     assert calls == [9] * (compiled and hasattr(torch.compiler, "nested_compile_region"))
+
+
+def test_compiled_decode_with_expert_biases_equals_eager():
+    """GPT-OSS's experts (clamped SwiGLU, gate/up/down biases, a router bias) in the compiled step:
+    the joint gate/up product with the two biases added after it decodes as eagerly."""
+    mlp = ("mlp={type: moe, n_experts: 4, top_k: 2, hidden_dim: 32, activation: clamped_swiglu, swiglu_limit: 0.5, "
+           "swiglu_alpha: 1.702, expert_bias: true, router: topk_softmax, router_bias: true}")
+    model = llmparts.build_model("tiny/qwen3", overrides=[mlp, "attention.sinks=true"], seed=11).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("_bias", "router.bias")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        cache = model.make_cache(2, 12)
+        model(ids, cache=cache)
+        eager_step = model(ids[:, -1:], cache=cache)
+    expected = _greedy(model, ids, 10)
+    compiled = model.compile_decode()
+    assert compiled or not _compiler_works()
+    calls = _count_model_steps(model)
+    assert torch.equal(_greedy(model, ids, 10), expected)
+    with torch.no_grad():
+        cache.reset()
+        model(ids, cache=cache)
+        step = model(ids[:, -1:], cache=cache)
+    assert (step - eager_step).abs().max().item() <= 1e-4
+    assert calls == [9 + 1] * (compiled and hasattr(torch.compiler, "nested_compile_region"))  # one call a step

@@ -165,7 +165,7 @@ class Experts(nn.Module):
 
         Checked on every call from the views' layout (a few microseconds): two live tensors cannot
         overlap, so gate rows strided by 2F rows with up's data F rows after gate's are one tensor."""
-        g, u = self._parameters["gate_proj"], self._parameters["up_proj"]
+        g, u = self._parameters.get("gate_proj"), self._parameters.get("up_proj")  # (absent when parametrized)
         if g is None or u is None or g.dim() != 3:
             return None
         E, Fd, D = g.shape
@@ -184,8 +184,9 @@ class Experts(nn.Module):
     def _join(self, empty: bool = False) -> None:
         """Put gate and up (same shape, dtype and device) into one new (E, 2F, D) tensor: copied, or
         uninitialised with ``empty``. Transiently twice this layer's gate and up."""
-        g, u = self.gate_proj, self.up_proj
-        if g.is_meta or g.shape != u.shape or g.dtype != u.dtype or g.device != u.device or self.gate_up() is not None:
+        g, u = self._parameters.get("gate_proj"), self._parameters.get("up_proj")
+        if (g is None or u is None or g.is_meta or g.shape != u.shape or g.dtype != u.dtype or g.device != u.device
+                or self.gate_up() is not None):
             return
         E, Fd, D = g.shape
         base = torch.empty((E, 2 * Fd, D), dtype=g.dtype, device=g.device) if empty else torch.cat((g.data, u.data), 1)
@@ -194,8 +195,8 @@ class Experts(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         """``nn.Module._apply`` (``to``, ``float``, ``to_empty``, ...) converts gate and up one by one:
         put them back into one tensor (from the meta device, which holds no values, a new empty one)."""
-        g, u = self.gate_proj, self.up_proj
-        was_meta = g.is_meta and u.is_meta
+        g, u = self._parameters.get("gate_proj"), self._parameters.get("up_proj")
+        was_meta = g is not None and u is not None and g.is_meta and u.is_meta
         joint = was_meta or self.gate_up() is not None
         super()._apply(fn, recurse)
         if joint:
