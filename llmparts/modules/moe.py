@@ -20,8 +20,8 @@ DeepSeek-V3    ``sigmoid``       sigmoid of the top k (picked    SwiGLU        1
 
 Parameter names (the weight maps rely on them): ``router.weight`` (E, D), ``router.bias`` (E,),
 ``router.correction_bias`` (E,), ``experts.{gate,up}_proj`` (E, F, D), ``experts.down_proj``
-(E, D, F) -- stacked ``nn.Linear`` weights, (E, out, in); gate and up are views of one (E, 2F, D)
-tensor, :meth:`Experts.gate_up` -- ``experts.{gate,up}_bias`` (E, F),
+(E, D, F) -- stacked ``nn.Linear`` weights, (E, out, in); gate and up are (non-contiguous) views of
+one (E, 2F, D) tensor, :meth:`Experts.gate_up` -- ``experts.{gate,up}_bias`` (E, F),
 ``experts.down_bias`` (E, D), and ``shared.{gate,up,down}_proj.weight`` (a :class:`GatedMLP`).
 """
 
