@@ -179,7 +179,7 @@ class Experts(nn.Module):
     def compiled_step(self, active: bool) -> None:
         """Called by :class:`~llmparts.model.CausalLM` with True before and False after it runs its
         compiled parts: sets :attr:`step_gate_up` (:meth:`gate_up`, checked now) or clears it."""
-        self.step_gate_up = self.gate_up() if active else None
+        self.__dict__["step_gate_up"] = self.gate_up() if active else None  # (nn.Module's setattr: slower)
 
     def _join(self, empty: bool = False) -> None:
         """Put gate and up (same shape, dtype and device) into one new (E, 2F, D) tensor: copied, or
