@@ -227,9 +227,9 @@ class CausalLM(nn.Module):
             self._position_key.append(keys[spec.position])
         self.tie_weights()
         self._decode_parts: dict[str, Any] | None = None  # set by compile_decode()
+        self._prefill_parts: dict[str, Any] | None = None
         # Modules told before and after each use of the compiled parts (``compiled_step(active)``).
         self._step_modules: list[nn.Module] = []
-        self._prefill_parts: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------ parameters
     def tie_weights(self) -> None:
