@@ -426,7 +426,7 @@ class CausalLM(nn.Module):
         for m in self._step_modules if parts is not None else ():
             m.compiled_step(True)
         try:
-            logits = self._blocks(x, tables, plans, cache, start, parts, T, last_only)
+            logits = self._blocks(x, tables, plans, cache, start, parts, last_only)
         finally:
             for m in self._step_modules if parts is not None else ():
                 m.compiled_step(False)
@@ -443,10 +443,10 @@ class CausalLM(nn.Module):
         return loss
 
     def _blocks(self, x: torch.Tensor, tables: dict[str, Tables], plans: dict[Any, StepPlan], cache: KVCache | None,
-                start: int, parts: dict[str, Any] | None, T: int, last_only: bool) -> torch.Tensor:
+                start: int, parts: dict[str, Any] | None, last_only: bool) -> torch.Tensor:
         """The blocks and the head: eagerly, or through the compiled parts (one call for a decode step)."""
         logits = None
-        if parts is not None and "model_step" in parts and cache is not None and T == 1:
+        if parts is not None and "model_step" in parts and cache is not None and x.shape[1] == 1:
             from torch._dynamo.exc import TorchDynamoException
 
             seen_of: dict[Any, torch.Tensor] = {}

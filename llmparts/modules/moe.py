@@ -211,6 +211,14 @@ class Experts(nn.Module):
     def _bias(self, b: torch.Tensor | None, e: int) -> torch.Tensor | None:
         return None if b is None else b[e]
 
+    def _split_gate_up(self, h: torch.Tensor, index: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A product with :meth:`gate_up`'s rows (..., 2F) -> gate, up, each plus its bias (GPT-OSS)
+        of the experts ``index`` picks."""
+        gate, up = h.chunk(2, dim=-1)
+        if self.gate_bias is None:
+            return gate, up
+        return gate + self.gate_bias[index], up + self.up_bias[index]
+
     def expert(self, e: int, x: torch.Tensor, gate_up: torch.Tensor | None = None) -> torch.Tensor:
         """Expert ``e`` on the tokens x (n, D) -> (n, D); with ``gate_up`` (:meth:`gate_up`, for
         inference) gate and up are one product."""
@@ -218,9 +226,7 @@ class Experts(nn.Module):
             gate = linear(x, self.gate_proj[e], self._bias(self.gate_bias, e))  # (n, F)
             up = linear(x, self.up_proj[e], self._bias(self.up_bias, e))  # (n, F)
         else:
-            gate, up = linear(x, gate_up[e]).chunk(2, dim=-1)
-            if self.gate_bias is not None:
-                gate, up = gate + self.gate_bias[e], up + self.up_bias[e]
+            gate, up = self._split_gate_up(linear(x, gate_up[e]), e)
         return linear(self._activate(gate, up), self.down_proj[e], self._bias(self.down_bias, e))
 
     def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -239,9 +245,7 @@ class Experts(nn.Module):
         if gate_up is None:
             gate, up = proj(xs, self.gate_proj, self.gate_bias), proj(xs, self.up_proj, self.up_bias)
         else:
-            gate, up = proj(xs, gate_up, None).chunk(2, dim=-1)
-            if self.gate_bias is not None:
-                gate, up = gate + self.gate_bias[expert_of_row], up + self.up_bias[expert_of_row]
+            gate, up = self._split_gate_up(proj(xs, gate_up, None), expert_of_row)
         return proj(self._activate(gate, up), self.down_proj, self.down_bias)
 
     def _activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -265,9 +269,7 @@ class Experts(nn.Module):
 
         xk = materialized(x.float())[:, None, :].expand(N, k, x.shape[-1])
         if self.step_gate_up is not None:
-            gate, up = mv(xk, self.step_gate_up, None).chunk(2, dim=-1)
-            if self.gate_bias is not None:
-                gate, up = gate + self.gate_bias[ids].float(), up + self.up_bias[ids].float()
+            gate, up = self._split_gate_up(mv(xk, self.step_gate_up, None), ids)  # float32 (+ biases promoted)
         else:
             gate, up = mv(xk, self.gate_proj, self.gate_bias), mv(xk, self.up_proj, self.up_bias)
         h = self._activate(gate.to(dtype), up.to(dtype))
