@@ -8,6 +8,8 @@ known metadata key, or loading fails naming it.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +59,20 @@ class HFConfig:
         self.used.add(key)
         value = self.data.get(key)
         return default if value is None else value
+
+    def number(self, key: str, default: float) -> float:
+        """A numeric field as float (``default`` when absent or null); anything else is a ConfigError."""
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{self.source}: {key} must be a finite number, got {value!r}")
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        """A true/false field (``default`` when absent or null); a string such as "false" is a ConfigError."""
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.source}: {key} must be true or false, got {value!r}")
+        return value
 
     def require(self, key: str) -> Any:
         self.used.add(key)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 from ...errors import ConfigError, UnsupportedModelError
@@ -37,28 +39,34 @@ _ROPE_REQUIRED = {
 
 
 def rope_from_hf(hf: HFConfig, default_theta: float, params: dict[str, Any] | None = None,
-                 where: str | None = None) -> dict[str, Any]:
+                 where: str | None = None, default_params: dict[str, Any] | None = None) -> dict[str, Any]:
     """The llmparts ``position`` dict from either config layout.
 
     transformers 5.x writes ``rope_parameters: {rope_type, rope_theta, ...}``; 4.x checkpoints carry
     ``rope_theta`` plus ``rope_scaling: {type | rope_type, ...}`` (or null). Unknown rope types and
-    unknown keys fail; nothing falls back to default RoPE silently.
+    unknown keys fail; nothing falls back to default RoPE silently. ``default_params``: the family's
+    ``rope_parameters`` when config.json has neither key (transformers' config class default).
     """
     src = hf.source
     if params is None:
-        if "rope_parameters" in hf:
-            params = dict(hf.get("rope_parameters"))
-            where = where or "rope_parameters"
-            hf.get("rope_scaling")  # transformers 5 may also echo the legacy key
-            hf.get("rope_theta")
+        # As transformers 5's convert_rope_params_to_dict: a non-empty legacy rope_scaling replaces
+        # rope_parameters; a rope_theta missing from the chosen dict comes from the top-level
+        # rope_theta, then the family's default.
+        rp, rs = hf.get("rope_parameters"), hf.get("rope_scaling")
+        for name, value in (("rope_parameters", rp), ("rope_scaling", rs)):
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{src}: {name} must be an object or null, got {value!r}")
+        if rs:
+            params, where = dict(rs), where or "rope_scaling"
+        elif not rp and default_params is not None:
+            params, where = dict(default_params), where or "rope_parameters (the family default)"
         else:
-            params = dict(hf.get("rope_scaling") or {})
-            where = where or "rope_scaling"
-            if "rope_theta" not in params:
-                params["rope_theta"] = hf.get("rope_theta", default_theta)
-    params = dict(params)
+            params, where = dict(rp or {}), where or ("rope_parameters" if rp is not None else "rope_scaling")
+        top_theta = hf.get("rope_theta")
+        params.setdefault("rope_theta", top_theta if top_theta is not None else default_theta)
     if not isinstance(params, dict):
         raise ConfigError(f"{src}: {where} must be an object, got {params!r}")
+    params = dict(params)
     rope_type = params.pop("rope_type", None)
     legacy_type = params.pop("type", None)
     rope_type = rope_type or legacy_type or "default"
@@ -67,6 +75,8 @@ def rope_from_hf(hf: HFConfig, default_theta: float, params: dict[str, Any] | No
             f"{src}: {where}.rope_type {rope_type!r} is not supported; supported: {', '.join(_ROPE_KEYS)}"
         )
     theta = params.pop("rope_theta", default_theta)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+        raise ConfigError(f"{src}: {where}.rope_theta must be a finite number > 0, got {theta!r}")
     prf = params.pop("partial_rotary_factor", 1.0)
     if prf != 1.0:
         raise UnsupportedModelError(
@@ -101,7 +111,7 @@ def sizes_from_hf(hf: HFConfig) -> dict[str, Any]:
         "d_model": hf.require("hidden_size"),
         "n_layers": hf.require("num_hidden_layers"),
         "max_seq_len": hf.require("max_position_embeddings"),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "tie_embeddings": hf.flag("tie_word_embeddings", False),
     }
 
 

@@ -28,7 +28,28 @@ from .common import llama_rules, moe_dense_overrides, one_of, rope_from_hf, size
 from .qwen3_moe import moe_rules
 
 
+# What transformers 5.23's DeepseekV2Config / DeepseekV3Config use for a field config.json leaves out.
+_DEFAULTS = {
+    2: {"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "n_routed_experts": 64, "n_shared_experts": 2, "moe_intermediate_size": 1407,
+        "first_k_dense_replace": 0, "routed_scaling_factor": 1.0, "num_experts_per_tok": None},
+    3: {"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "n_routed_experts": 256, "n_shared_experts": 1, "moe_intermediate_size": 2048,
+        "first_k_dense_replace": 3, "routed_scaling_factor": 2.5, "num_experts_per_tok": 8,
+        "n_group": 8, "topk_group": 4},
+}
+
+
 def _deepseek(hf: HFConfig, version: int) -> dict[str, Any]:
+    defaults = _DEFAULTS[version]
+
+    def field(key: str) -> Any:  # transformers' default only where the key is absent (null stays null)
+        if key in hf.data:
+            return hf.get(key)
+        if defaults.get(key) is None:
+            return hf.require(key)
+        return defaults[key]
+
     n_heads = hf.require("num_attention_heads")
     n_kv = hf.get("num_key_value_heads", n_heads)
     if n_kv != n_heads:
@@ -37,7 +58,7 @@ def _deepseek(hf: HFConfig, version: int) -> dict[str, Any]:
             "values per query head, and transformers would repeat them again: set num_key_value_heads to "
             f"{n_heads} (it has no other effect)"
         )
-    nope, rope, v = hf.require("qk_nope_head_dim"), hf.require("qk_rope_head_dim"), hf.require("v_head_dim")
+    nope, rope, v = field("qk_nope_head_dim"), field("qk_rope_head_dim"), field("v_head_dim")
     qk_head_dim = hf.get("qk_head_dim", nope + rope)
     if qk_head_dim != nope + rope:
         raise ConfigError(
@@ -56,14 +77,14 @@ def _deepseek(hf: HFConfig, version: int) -> dict[str, Any]:
     position = rope_from_hf(hf, 10000.0)
     position["layout"] = "interleaved" if interleave else "half"
     n_layers = hf.require("num_hidden_layers")
-    bias = bool(hf.get("attention_bias", False))
+    bias = hf.flag("attention_bias", False)
     cfg: dict[str, Any] = {
         **sizes_from_hf(hf),
         "attention": {
             "type": "mla",
             "n_heads": n_heads,
-            "q_lora_rank": hf.get("q_lora_rank"),
-            "kv_lora_rank": hf.require("kv_lora_rank"),
+            "q_lora_rank": field("q_lora_rank"),
+            "kv_lora_rank": field("kv_lora_rank"),
             "qk_nope_head_dim": nope,
             "qk_rope_head_dim": rope,
             "v_head_dim": v,
@@ -71,11 +92,11 @@ def _deepseek(hf: HFConfig, version: int) -> dict[str, Any]:
             "latent_norm_eps": 1e-6,  # DeepseekV{2,3}RMSNorm(rank) with its default eps
         },
         "position": position,
-        "norm": {"type": "rmsnorm", "eps": float(hf.get("rms_norm_eps", 1e-6))},
+        "norm": {"type": "rmsnorm", "eps": hf.number("rms_norm_eps", 1e-6)},
     }
     dense = {"type": "gated", "hidden_dim": hf.require("intermediate_size"), "activation": act}
-    n_experts = one_of(hf, ("n_routed_experts", "num_local_experts", "num_experts"), None)
-    first_dense = hf.get("first_k_dense_replace", 0)
+    n_experts = one_of(hf, ("n_routed_experts", "num_local_experts", "num_experts"), defaults["n_routed_experts"])
+    first_dense = field("first_k_dense_replace")
     freq = hf.get("moe_layer_freq", 1)
     if freq != 1:
         raise UnsupportedModelError(f"{hf.source}: moe_layer_freq={freq} is not supported (transformers ignores it; only 1 is unambiguous)")
@@ -85,21 +106,21 @@ def _deepseek(hf: HFConfig, version: int) -> dict[str, Any]:
     if not n_experts:
         cfg["mlp"] = dense
         return cfg
-    shared = hf.get("n_shared_experts", 0) or 0
+    shared = field("n_shared_experts") or 0
     moe: dict[str, Any] = {
         "type": "moe",
         "n_experts": n_experts,
-        "top_k": hf.require("num_experts_per_tok"),
-        "hidden_dim": hf.require("moe_intermediate_size"),
+        "top_k": field("num_experts_per_tok"),
+        "hidden_dim": field("moe_intermediate_size"),
         "activation": act,
-        "scaling_factor": float(hf.get("routed_scaling_factor", 1.0)),
-        "shared_hidden_dim": shared * hf.require("moe_intermediate_size"),
+        "scaling_factor": field("routed_scaling_factor"),
+        "shared_hidden_dim": shared * field("moe_intermediate_size"),
     }
     if version == 3:
         hf.expect("scoring_func", ("sigmoid",), "DeepSeek-V3 routes with sigmoid scores")
         hf.expect("topk_method", ("noaux_tc",), "DeepSeek-V3 selects with the correction bias (noaux_tc)")
-        moe.update(router="sigmoid", correction_bias=True, normalize=bool(hf.get("norm_topk_prob", True)),
-                   n_groups=hf.get("n_group", 1), topk_groups=hf.get("topk_group", 1))
+        moe.update(router="sigmoid", correction_bias=True, normalize=hf.flag("norm_topk_prob", True),
+                   n_groups=field("n_group"), topk_groups=field("topk_group"))
     else:
         hf.expect("scoring_func", ("softmax",), "DeepSeek-V2 routes with softmax scores")
         hf.expect("topk_method", ("greedy",), "only greedy top-k is supported for DeepSeek-V2 "

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...config import ModelConfig
-from ...errors import UnsupportedModelError
+from ...errors import ConfigError, UnsupportedModelError
 from ..weight_map import Ignore, Rename, Rule
 from . import Family, HFConfig, register_family
 from .common import layer_types_from_hf, rope_from_hf, sliding_overrides
@@ -34,19 +34,33 @@ def gemma3_from_hf(hf: HFConfig) -> dict[str, Any]:
     hf.get("hidden_act")  # legacy duplicate of hidden_activation, unused by transformers' Gemma3
     # transformers stores attn_logit_softcapping on the module but never applies it in Gemma 3
     hf.get("attn_logit_softcapping")
-    # Rope: nested per layer type (5.x) or rope_theta / rope_local_base_freq / rope_scaling (4.x).
-    params = hf.get("rope_parameters")
-    if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
-        hf.get("rope_theta"), hf.get("rope_local_base_freq"), hf.get("rope_scaling")
-        full = {"rope_theta": GLOBAL_THETA, **params.get("full_attention", {})}
-        local = {"rope_theta": LOCAL_THETA, **params.get("sliding_attention", {})}
+    # Rope: nested per layer type (5.x) or rope_theta / rope_local_base_freq / rope_scaling (4.x), read
+    # as transformers' Gemma3TextConfig.convert_rope_params_to_dict does: a legacy rope_scaling is merged
+    # into the full-attention layers' parameters, and a missing rope_theta comes from the top-level
+    # rope_theta (full) / rope_local_base_freq (sliding), then the defaults.
+    params, scaling = hf.get("rope_parameters"), hf.get("rope_scaling")
+    for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{hf.source}: {name} must be an object or null, got {value!r}")
+    params = params or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        for kind in ("full_attention", "sliding_attention"):
+            if params.get(kind) is not None and not isinstance(params[kind], dict):
+                raise ConfigError(f"{hf.source}: rope_parameters.{kind} must be an object, got {params[kind]!r}")
+        full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
     else:
-        full = dict(hf.get("rope_scaling") or params or {})
-        full.setdefault("rope_theta", hf.get("rope_theta", GLOBAL_THETA))
-        local = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", LOCAL_THETA)}
+        full, local = dict(params), {}
+    full.update(scaling or {})
+    full.setdefault("rope_theta", hf.get("rope_theta", GLOBAL_THETA))
+    local.setdefault("rope_theta", hf.get("rope_local_base_freq", LOCAL_THETA))
     global_rope = rope_from_hf(hf, GLOBAL_THETA, full, "rope_parameters.full_attention")
     local_rope = rope_from_hf(hf, LOCAL_THETA, local, "rope_parameters.sliding_attention")
-    pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))  # legacy int pattern
+    # transformers builds the default layer types from `sliding_window_pattern` only; a leftover
+    # `_sliding_window_pattern` attribute in config.json is read but has no effect there either
+    hf.get("_sliding_window_pattern")
+    pattern = hf.get("sliding_window_pattern", 6)
+    if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+        raise ConfigError(f"{hf.source}: sliding_window_pattern must be an int >= 1, got {pattern!r}")
     default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
     types = layer_types_from_hf(hf, n, default)
     softcap = hf.get("final_logit_softcapping")
@@ -56,7 +70,7 @@ def gemma3_from_hf(hf: HFConfig) -> dict[str, Any]:
         "d_model": d_model,
         "n_layers": n,
         "max_seq_len": hf.require("max_position_embeddings"),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
+        "tie_embeddings": hf.flag("tie_word_embeddings", True),
         "logit_softcap": softcap,
         "embedding": {"type": "standard", "scale": "sqrt_d_model"},
         "attention": {
@@ -65,10 +79,10 @@ def gemma3_from_hf(hf: HFConfig) -> dict[str, Any]:
             "n_kv_heads": hf.get("num_key_value_heads", n_heads),
             "head_dim": hf.get("head_dim", 256),
             "qk_norm": "per_head",
-            "scale": float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+            "scale": hf.number("query_pre_attn_scalar", 256) ** -0.5,
         },
         "position": global_rope,
-        "norm": {"type": "rmsnorm", "eps": float(hf.get("rms_norm_eps", 1e-6)), "offset": 1.0, "cast": "after_weight"},
+        "norm": {"type": "rmsnorm", "eps": hf.number("rms_norm_eps", 1e-6), "offset": 1.0, "cast": "after_weight"},
         "mlp": {"type": "gated", "hidden_dim": hf.require("intermediate_size"), "activation": "gelu_tanh"},
         "block": {"type": "transformer", "norm_placement": "sandwich"},
         "overrides": sliding_overrides(hf, types, hf.get("sliding_window", 4096), {"position": local_rope}),

@@ -20,10 +20,15 @@ from . import Family, HFConfig, register_family
 from .common import layer_types_from_hf, llama_rules, one_of, rope_from_hf, sizes_from_hf, sliding_overrides
 
 
+# transformers 5.23's GptOssConfig default rope_parameters (used when config.json has none)
+_DEFAULT_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                 "original_max_position_embeddings": 4096, "rope_theta": 150000.0}
+
+
 def gpt_oss_from_hf(hf: HFConfig) -> dict[str, Any]:
     n_heads = hf.require("num_attention_heads")
     n_layers = hf.require("num_hidden_layers")
-    bias = bool(hf.get("attention_bias", True))
+    bias = hf.flag("attention_bias", True)
     hf.get("hidden_act")  # transformers' GPT-OSS experts hard-code the clamped SwiGLU; the field is unused
     hf.get("initial_context_length")  # OpenAI's original config key; transformers ignores it
     n_experts = one_of(hf, ("num_local_experts", "num_experts"), 128)
@@ -39,20 +44,20 @@ def gpt_oss_from_hf(hf: HFConfig) -> dict[str, Any]:
             "out_bias": bias,
             "sinks": True,
         },
-        "position": rope_from_hf(hf, 150000.0),
-        "norm": {"type": "rmsnorm", "eps": float(hf.get("rms_norm_eps", 1e-5)), "cast": "after_weight"},
+        "position": rope_from_hf(hf, 150000.0, default_params=_DEFAULT_ROPE),
+        "norm": {"type": "rmsnorm", "eps": hf.number("rms_norm_eps", 1e-5), "cast": "after_weight"},
         "mlp": {
             "type": "moe",
             "n_experts": n_experts,
             "top_k": top_k,
             "hidden_dim": hf.require("intermediate_size"),
             "activation": "clamped_swiglu",
-            "swiglu_limit": float(hf.get("swiglu_limit", 7.0)),
-            "swiglu_alpha": float(hf.get("swiglu_alpha", 1.702)),
+            "swiglu_limit": hf.number("swiglu_limit", 7.0),
+            "swiglu_alpha": hf.number("swiglu_alpha", 1.702),
             "expert_bias": True,
             "router": "topk_softmax",
             "router_bias": True,
-            "aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.001)),
+            "aux_loss_coef": hf.number("router_aux_loss_coef", 0.001),
         },
     }
     default = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]

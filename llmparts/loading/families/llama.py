@@ -27,7 +27,7 @@ def llama_core(hf: HFConfig, default_eps: float = 1e-6, default_theta: float = 1
             "out_bias": bool(attention_bias),
         },
         "position": rope_from_hf(hf, default_theta),
-        "norm": {"type": "rmsnorm", "eps": float(hf.get("rms_norm_eps", default_eps))},
+        "norm": {"type": "rmsnorm", "eps": hf.number("rms_norm_eps", default_eps)},
         "mlp": {"type": "gated", "hidden_dim": hf.require("intermediate_size"), "activation": act, "bias": bool(mlp_bias)},
     }
 

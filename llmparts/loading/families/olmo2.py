@@ -25,7 +25,7 @@ from .common import dense_to_hf, export_rope, rope_from_hf, sizes_from_hf
 def olmo_core(hf: HFConfig) -> dict[str, Any]:
     """Fields shared by OLMo 2 and OLMo 3, everything except ``position`` and ``overrides``."""
     n_heads = hf.require("num_attention_heads")
-    bias = bool(hf.get("attention_bias", False))
+    bias = hf.flag("attention_bias", False)
     act = hf.expect("hidden_act", ("silu",), "the gated MLP of this family uses silu")
     # OLMo 1's q/k/v clipping: transformers' OLMo 2/3 never apply it, so only null is the same network
     hf.expect("clip_qkv", (None,), "q/k/v clipping is not part of OLMo 2/3 in transformers")
@@ -40,7 +40,7 @@ def olmo_core(hf: HFConfig) -> dict[str, Any]:
             "out_bias": bias,
             "qk_norm": "full",  # OLMo2: over nH*D / nKV*D, not per head
         },
-        "norm": {"type": "rmsnorm", "eps": float(hf.get("rms_norm_eps", 1e-5)), "cast": "after_weight"},
+        "norm": {"type": "rmsnorm", "eps": hf.number("rms_norm_eps", 1e-5), "cast": "after_weight"},
         "mlp": {"type": "gated", "hidden_dim": hf.require("intermediate_size"), "activation": act},
         "block": {"type": "transformer", "norm_placement": "post"},
     }

@@ -24,7 +24,8 @@ def qwen3_moe_from_hf(hf: HFConfig) -> dict[str, Any]:
     cfg["attention"]["qk_norm"] = "per_head"
     hf.expect("mlp_bias", (False,), "Qwen3-MoE MLPs have no bias")
     n = cfg["n_layers"]
-    sliding_window = hf.get("sliding_window")  # read either way: released files carry it (null) unused
+    # read either way (released files carry it, null, unused); 4096 is the config class default, null means none
+    sliding_window = hf.get("sliding_window") if "sliding_window" in hf.data else 4096
     window = sliding_window if hf.get("use_sliding_window", False) else None
     hf.get("max_window_layers")  # read by Qwen2; transformers' Qwen3-MoE ignores it (window on all layers)
     if window is not None:
@@ -49,8 +50,8 @@ def qwen3_moe_from_hf(hf: HFConfig) -> dict[str, Any]:
         "hidden_dim": hf.require("moe_intermediate_size"),
         "activation": dense["activation"],
         "router": "softmax",
-        "normalize": bool(hf.get("norm_topk_prob", False)),
-        "aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.001)),
+        "normalize": hf.flag("norm_topk_prob", False),
+        "aux_loss_coef": hf.number("router_aux_loss_coef", 0.001),
     }
     dense_layers = [i for i in range(n) if i in only or (i + 1) % step != 0]
     cfg["overrides"] = moe_dense_overrides(dense_layers, dense)

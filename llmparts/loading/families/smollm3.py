@@ -43,10 +43,10 @@ def no_rope_flags(hf: HFConfig, n: int) -> list[int]:
 
 def smollm3_from_hf(hf: HFConfig) -> dict[str, Any]:
     cfg = llama_core(hf, default_eps=1e-6, default_theta=2_000_000.0)
-    cfg["tie_embeddings"] = bool(hf.get("tie_word_embeddings", True))  # SmolLM3Config ties by default
+    cfg["tie_embeddings"] = hf.flag("tie_word_embeddings", True)  # SmolLM3Config ties by default
     n = cfg["n_layers"]
     flags = no_rope_flags(hf, n)
-    use_window = bool(hf.get("use_sliding_window", False))
+    use_window = hf.flag("use_sliding_window", False)
     window = hf.get("sliding_window")
     default = [
         "sliding_attention" if use_window and window is not None and not flags[i] else "full_attention"
