@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,28 @@ LAYER_KINDS = ("attention", "position", "norm", "mlp", "block")
 
 
 # ------------------------------------------------------------------------------ typed parsing
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, except that a key repeated in one mapping is an error (PyYAML keeps the last)."""
+
+
+def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML safely, rejecting duplicate keys."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _check_value(value: Any, annotation: Any, path: str, hints_kind: str | None = None) -> Any:
     """Check ``value`` against a type annotation; return it (ints widened to float where declared)."""
     origin = typing.get_origin(annotation)
@@ -74,11 +97,13 @@ def _check_value(value: Any, annotation: Any, path: str, hints_kind: str | None 
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e6" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -272,6 +297,8 @@ class ModelConfig:
                 raise ConfigError(f"{path}.{key} must be > 0, got {kwargs[key]}")
         if kwargs["logit_softcap"] is not None and kwargs["logit_softcap"] <= 0:
             raise ConfigError(f"{path}.logit_softcap must be > 0, got {kwargs['logit_softcap']}")
+        if kwargs["init_std"] < 0:
+            raise ConfigError(f"{path}.init_std must be >= 0, got {kwargs['init_std']}")
         for key in _TOP_SPECS:
             if key in ("attention", "mlp") and key not in data:
                 raise ConfigError(f"{path}.{key} is required")
@@ -372,7 +399,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
     key, _, value = text.partition("=")
     key = key.strip()
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = yaml_load(value) if value.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
     return key, parsed
@@ -455,7 +482,7 @@ def load_config(source: str | Path | dict[str, Any] | ModelConfig, overrides: li
                 )
             path = names[str(source)]
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml_load(path.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if isinstance(data, dict) and "name" not in data:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .errors import ContextLengthError, InputError
+from .model import check_seed
 
 DEFAULT_MAX_NEW_TOKENS = 256
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds activations (attention scores, MLP)
@@ -389,6 +390,12 @@ def generate(model: Any, tokenizer: Any = None,
         raise InputError(f"stop={stop!r} is invalid: expected non-empty strings")
     if stops and tokenizer is None:
         raise InputError("stop strings need a tokenizer to decode the output")
+    check_seed(seed)
+    extra_stops = _as_list(stop_token_ids)
+    bad_stops = [i for i in extra_stops if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+    if bad_stops:
+        raise InputError(f"stop_token_ids={stop_token_ids!r} is invalid: expected token ids (ints >= 0), "
+                         f"got {bad_stops[0]!r}")
 
     # ---- prompts -> left-padded ids (B, T) and mask
     eos_ids = [int(i) for i in _as_list(getattr(tokenizer, "eos_token_ids", None))]
@@ -399,13 +406,21 @@ def generate(model: Any, tokenizer: Any = None,
     if isinstance(prompt, torch.Tensor):
         kind = "tensor"
         one_d = prompt.dim() == 1
+        if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+            raise InputError(f"prompt tensor must hold integer token ids, got dtype {prompt.dtype}")
         input_ids = (prompt[None] if one_d else prompt).to(dev, torch.long)
         if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
             raise InputError(f"prompt tensor must be a non-empty (B, T), got shape {tuple(prompt.shape)}")
         if attention_mask is None:
             mask = torch.ones_like(input_ids)
         else:
+            if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+                raise InputError(f"attention_mask must hold integers or bools (1 = token, 0 = padding), "
+                                 f"got dtype {attention_mask.dtype}")
             mask = (attention_mask[None] if attention_mask.dim() == 1 else attention_mask).to(dev).long()
+            if bool(((mask != 0) & (mask != 1)).any()):
+                raise InputError("attention_mask values must be 0 (padding) or 1 (token), got "
+                                 f"{mask[(mask != 0) & (mask != 1)][0].item()}")
             if mask.shape != input_ids.shape:
                 raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != prompt {tuple(prompt.shape)}")
             if not bool(mask[:, -1].all()):
@@ -439,7 +454,7 @@ def generate(model: Any, tokenizer: Any = None,
                                  f"(max_seq_len); it leaves no room for a new token")
     max_new_tokens = min(max_new_tokens, ctx - T)
 
-    stop_ids = sorted(set(eos_ids + [int(i) for i in _as_list(stop_token_ids)]))
+    stop_ids = sorted(set(eos_ids + extra_stops))
     stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=dev)
     vocab_limit = getattr(tokenizer, "vocab_size", None) or model.config.vocab_size
     generator = None

@@ -16,7 +16,7 @@ from torch import nn
 
 from .allocator import long_lived
 from .config import LayerSpec, ModelConfig, load_config
-from .errors import ContextLengthError, InputError
+from .errors import ConfigError, ContextLengthError, InputError
 from .kv_cache import KVCache, StepPlan, plan_without_cache
 from .modules import build
 from .modules.linear import MATVEC_MAX_ROWS, Linear
@@ -274,7 +274,18 @@ class CausalLM(nn.Module):
     # ---------------------------------------------------------------------------------- caches
     def make_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> KVCache:
-        """A preallocated KV cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens."""
+        """A preallocated KV cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens
+        (default: the model's context)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"make_cache: batch_size must be an int >= 1, got {batch_size!r}")
+        if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
+                                        or max_seq_len < 1):
+            raise InputError(f"make_cache: max_seq_len must be an int >= 1 or None (the model's context), "
+                             f"got {max_seq_len!r}")
+        dtype = resolve_dtype(dtype, "make_cache: dtype")
+        if dtype is not None and dtype != self.dtype:
+            raise InputError(f"make_cache: dtype {dtype} differs from the model's {self.dtype}; attention "
+                             "reads the cache with the model's dtype (leave dtype unset)")
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
             raise ContextLengthError(
@@ -367,7 +378,13 @@ class CausalLM(nn.Module):
                 raise InputError("pass either pos or attention_mask, not both")
             if attention_mask.shape != input_ids.shape:
                 raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+            if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+                raise InputError(f"attention_mask must hold integers or bools (1 = token, 0 = padding), "
+                                 f"got dtype {attention_mask.dtype}")
             m = attention_mask.to(dev).long()
+            if bool(((m != 0) & (m != 1)).any()):
+                bad = m[(m != 0) & (m != 1)][0].item()
+                raise InputError(f"attention_mask values must be 0 (padding) or 1 (token), got {bad}")
             q = m.cumsum(-1) - 1
             if cache is not None and cache.length:
                 raise InputError("attention_mask with a non-empty cache: pass explicit pos instead")
@@ -393,7 +410,20 @@ class CausalLM(nn.Module):
                 last_only: bool = False) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise InputError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         B, T = input_ids.shape
+        if B == 0:
+            raise InputError("input_ids has no sequences (batch size 0)")
+        if labels is not None:  # (before the cache records anything)
+            if tuple(labels.shape) != (B, T):
+                raise InputError(f"labels shape {tuple(labels.shape)} != input_ids {(B, T)}")
+            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+                raise InputError(f"labels must hold integer token ids (or -100 to ignore), got dtype {labels.dtype}")
+            bad = labels[(labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))]
+            if bad.numel():
+                raise InputError(f"label {bad[0].item()} is outside the vocabulary [0, {self.config.vocab_size}) "
+                                 "(use -100 for positions to ignore)")
         q_pos, contiguous = self._positions(input_ids, cache, pos, attention_mask)
         if T == 0:
             raise InputError("input_ids is empty (T == 0)")
@@ -498,14 +528,39 @@ def allocate_empty(model: nn.Module, device: torch.device | str | None) -> None:
         model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=dev))
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, what: str = "dtype") -> torch.dtype | None:
+    """A floating-point ``torch.dtype`` from a dtype or its name ("bfloat16", "torch.float32"); None stays None."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name not in DTYPES:
+            raise ConfigError(f"{what} {dtype!r} is not one of {', '.join(DTYPES)}")
+        return DTYPES[name]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"{what} must be a floating-point torch dtype or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def check_seed(seed: Any) -> None:
+    """A seed for ``torch.Generator.manual_seed``: an int in [0, 2**64)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise InputError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
+
+
 def build_model(config: str | ModelConfig | dict[str, Any], overrides: list[str] | None = None,
-                dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
                 seed: int | None = 0) -> CausalLM:
     """Build a randomly initialised model from a shipped config name, a YAML path, a dict or a config.
 
     ``overrides`` are CLI-style (``"attention.n_kv_heads=1"``, ``"layers[3::4].position.type=none"``).
     ``device="meta"`` builds without allocating memory (for counting parameters or loading).
     """
+    dtype = resolve_dtype(dtype)
+    check_seed(seed)
     cfg = load_config(config, overrides)
     with torch.device("meta"):
         model = CausalLM(cfg)

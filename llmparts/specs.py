@@ -35,8 +35,8 @@ def _positive(path: str, name: str, value: float | int | None, allow_none: bool 
         if not allow_none:
             raise ConfigError(f"{path}.{name} is required")
         return
-    if value <= 0:
-        raise ConfigError(f"{path}.{name} must be > 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{path}.{name} must be > 0 (a finite number), got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------- norms

@@ -24,10 +24,10 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, ModelNotFoundError
-from ..model import CausalLM, allocate_empty
+from ..model import CausalLM, allocate_empty, resolve_dtype
 from .checkpoint import PickleCheckpoint, SafetensorsCheckpoint
 from .hub import resolve_source
-from .quant import QuantizedCheckpoint, parse_quant_config, wrap_quantized
+from .quant import QuantizedCheckpoint, parse_quant_config, stored_dtype, wrap_quantized
 from .families import Family, HFConfig, family_for
 from .weight_map import Target, plan_assignment
 
@@ -63,9 +63,6 @@ def _model_fields(raw: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if k != "weights"}
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def load_pretrained(source: str | Path, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None, strict_config: bool = True,
                     allow_pickle: bool = False, revision: str | None = None) -> CausalLM:
@@ -84,7 +81,7 @@ def load_pretrained(source: str | Path, dtype: torch.dtype | str | None = None,
         revision: Hub revision (branch, tag or commit) for repo ids.
     """
     path = resolve_source(source, revision)
-    dtype = _dtype(dtype)
+    dtype = resolve_dtype(dtype)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelNotFoundError(f"{source}: a file must be a .gguf model; otherwise pass a model directory")
@@ -134,10 +131,11 @@ def _gguf_config(f: Any) -> tuple[ModelConfig, dict[str, Any], Family]:
         raise type(e)(f"{hf.source}: {e}") from None
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> CausalLM:
+def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> CausalLM:
     """Load a GGUF file: metadata -> HF-style config -> family adapter; tensors dequantized per tensor."""
     from .gguf import GGUFFile
 
+    dtype = resolve_dtype(dtype)
     f = GGUFFile(path)
     cfg, raw, family = _gguf_config(f)
     with torch.device("meta"):
@@ -146,14 +144,6 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: torch.
     model = fill_model(model, f, family.weight_rules(raw), device, source=str(path))
     model.hf_model_type = family.model_types[0]
     return model
-
-
-def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
-        return _DTYPES[dtype]
-    return dtype
 
 
 def fill_model(model: CausalLM, ckpt: Any, rules: list[Any], device: torch.device | str | None,
@@ -182,6 +172,12 @@ def fill_model(model: CausalLM, ckpt: Any, rules: list[Any], device: torch.devic
         plan = plan_assignment(rules, shapes, shapes_all, hints=hints, optional=set(aliases))
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
+    for key, targets in plan.targets.items():  # (before any memory is allocated)
+        d = stored_dtype(ckpt, key)
+        if d is not None and not d.is_floating_point:
+            raise CheckpointError(f"{source}: tensor {key!r} is stored as {d}, but {targets[0].param} is a "
+                                  "floating-point parameter; integer or bool data is not a weight (a quantized "
+                                  "checkpoint needs its quantization_config in config.json)")
     # aliases are optional in the checkpoint: they are cross-checked when present
     alias_keys = {k: ts[0].param for k, ts in plan.targets.items() if ts[0].param in aliases}
     allocate_empty(model, device)

@@ -24,6 +24,9 @@ class SafetensorsCheckpoint:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         index = directory / INDEX
+        if index.is_file() and (directory / SINGLE).is_file():
+            raise CheckpointError(f"{directory}: has both {SINGLE} and {INDEX} (sharded), so which weights are "
+                                  f"meant is ambiguous (transformers reads {SINGLE}); remove the stale one")
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from ..errors import ConfigError, LLMPartsError
 from ..config import ModelConfig
-from ..model import CausalLM
+from ..model import CausalLM, resolve_dtype
+from .checkpoint import INDEX, SINGLE
 from .families import HFConfig, family_for
 from .weight_map import Rename
 
@@ -62,14 +63,24 @@ def save_pretrained(model: CausalLM, out_dir: str | Path, model_type: str | None
     family = family_for(model_type)
     if family.config_to_hf is None:
         raise ConfigError(f"family {model_type!r} cannot write a transformers config")
+    dtype = resolve_dtype(dtype, "save_pretrained: dtype") or model.dtype
+    if model.device.type == "meta":
+        raise ConfigError("save_pretrained: the model has no weights (built on the meta device); load or "
+                          "allocate it first")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"save_pretrained: {out} exists and is not a directory")
     names = hf_state_names(model, model_type)
-    dtype = dtype or model.dtype
     cfg = family.config_to_hf(model.config)
     cfg.update(extra_config or {})
     _check_expressible(model.config, cfg, model_type)
     cfg["dtype"] = str(dtype).removeprefix("torch.")
+    out.mkdir(parents=True, exist_ok=True)
+    # weights of an earlier save in the same directory would be read instead of (single file next to an
+    # index) or besides (extra shards) the new ones: remove them, as transformers' save_pretrained does
+    for old in [out / INDEX, out / SINGLE, *out.glob("model-*-of-*.safetensors")]:
+        if old.is_file():
+            old.unlink()
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -81,7 +92,7 @@ def save_pretrained(model: CausalLM, out_dir: str | Path, model_type: str | None
         shards[-1][names[name]] = t
         size += t.nbytes
     if len(shards) == 1:
-        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+        save_file(shards[0], out / SINGLE, metadata={"format": "pt"})
     else:
         weight_map = {}
         total = 0
@@ -91,7 +102,7 @@ def save_pretrained(model: CausalLM, out_dir: str | Path, model_type: str | None
             weight_map.update({key: fname for key in shard})
             total += sum(t.nbytes for t in shard.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return out
 
 

@@ -234,7 +234,7 @@ def parse_quant_config(data: dict[str, Any] | None, source: str = "config.json")
 
 
 # ---------------------------------------------------------------------------------------- checkpoint
-def _dtype_of(ckpt: Any, key: str) -> torch.dtype | None:
+def stored_dtype(ckpt: Any, key: str) -> torch.dtype | None:
     d = getattr(ckpt, "dtypes", {}).get(key)
     return d if isinstance(d, torch.dtype) else DTYPES.get(d) if isinstance(d, str) else None
 
@@ -248,9 +248,9 @@ def detect_quantization(ckpt: Any) -> str | None:
     the ``_blocks``/``_scales``/``_scale_inv`` names), so a loader can refuse a quantized checkpoint
     whose config.json has no ``quantization_config``."""
     keys = ckpt.shapes
-    if any(k.endswith(("_blocks", "_scales")) and _dtype_of(ckpt, k) in (torch.uint8, None) for k in keys):
+    if any(k.endswith(("_blocks", "_scales")) and stored_dtype(ckpt, k) in (torch.uint8, None) for k in keys):
         return "mxfp4"
-    if any(_is_fp8(_dtype_of(ckpt, k)) or k.endswith("_scale_inv") for k in keys):
+    if any(_is_fp8(stored_dtype(ckpt, k)) or k.endswith("_scale_inv") for k in keys):
         return "fp8"
     return None
 
@@ -264,7 +264,7 @@ def wrap_quantized(ckpt: Any, quant: QuantConfig | None, source: str = "checkpoi
         found = detect_quantization(ckpt)
         if found:
             examples = [k for k in ckpt.shapes if k.endswith(("_blocks", "_scales", "_scale_inv"))
-                        or _is_fp8(_dtype_of(ckpt, k))][:3]
+                        or _is_fp8(stored_dtype(ckpt, k))][:3]
             raise CheckpointError(f"{source}: the checkpoint holds {found} quantized tensors (e.g. {examples}) but "
                                   "config.json has no quantization_config saying how to dequantize them")
         return ckpt
@@ -313,7 +313,7 @@ class QuantizedCheckpoint:
         raise CheckpointError(f"{self.source}: {what}: {', '.join(sorted(keys)[:5])}{more}")
 
     def _pair_mxfp4(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        fp8 = [k for k in shapes if _is_fp8(_dtype_of(self.inner, k))]
+        fp8 = [k for k in shapes if _is_fp8(stored_dtype(self.inner, k))]
         if fp8:
             self._fail("float8 tensors in a checkpoint whose quantization_config says mxfp4", fp8)
         blocks = {k[: -len("_blocks")] for k in shapes if k.endswith("_blocks")}
@@ -324,9 +324,9 @@ class QuantizedCheckpoint:
             self._fail("MXFP4 _scales without their _blocks", [f"{b}_scales" for b in scales - blocks])
         for x in sorted(blocks):
             b, s = f"{x}_blocks", f"{x}_scales"
-            bad = [k for k in (b, s) if _dtype_of(self.inner, k) not in (torch.uint8, None)]
+            bad = [k for k in (b, s) if stored_dtype(self.inner, k) not in (torch.uint8, None)]
             if bad:
-                self._fail(f"MXFP4 tensors must be uint8, got {[str(_dtype_of(self.inner, k)) for k in bad]}", bad)
+                self._fail(f"MXFP4 tensors must be uint8, got {[str(stored_dtype(self.inner, k)) for k in bad]}", bad)
             bs, ss = tuple(shapes[b]), tuple(shapes[s])
             if len(bs) != 4 or bs[-1] != 16 or bs[:-1] != ss:
                 self._fail(f"MXFP4 shapes blocks {bs} / scales {ss} are not (E, out, G, 16) / (E, out, G)", [b, s])
@@ -336,13 +336,13 @@ class QuantizedCheckpoint:
         self._data_of = {b: x for x, (b, _) in self._packed.items()}
 
     def _pair_fp8(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        mx = [k for k in shapes if k.endswith(("_blocks", "_scales")) and _dtype_of(self.inner, k) == torch.uint8]
+        mx = [k for k in shapes if k.endswith(("_blocks", "_scales")) and stored_dtype(self.inner, k) == torch.uint8]
         if mx:
             self._fail("MXFP4 tensors in a checkpoint whose quantization_config says fp8", mx)
-        weights = [k for k in shapes if _is_fp8(_dtype_of(self.inner, k))]
-        bad = [k for k in weights if _dtype_of(self.inner, k) != torch.float8_e4m3fn]
+        weights = [k for k in shapes if _is_fp8(stored_dtype(self.inner, k))]
+        bad = [k for k in weights if stored_dtype(self.inner, k) != torch.float8_e4m3fn]
         if bad:
-            self._fail(f"FP8 tensors must be float8_e4m3fn (fmt e4m3), got {_dtype_of(self.inner, bad[0])}", bad)
+            self._fail(f"FP8 tensors must be float8_e4m3fn (fmt e4m3), got {stored_dtype(self.inner, bad[0])}", bad)
         lone = [k for k in weights if f"{k}_scale_inv" not in shapes]
         if lone:
             self._fail("float8 tensors without their _scale_inv", lone)
@@ -352,8 +352,8 @@ class QuantizedCheckpoint:
         block = self.quant.weight_block_size
         for w in weights:
             s = f"{w}_scale_inv"
-            if _dtype_of(self.inner, s) not in (torch.float32, None):
-                self._fail(f"FP8 scales must be float32, got {_dtype_of(self.inner, s)}", [s])
+            if stored_dtype(self.inner, s) not in (torch.float32, None):
+                self._fail(f"FP8 scales must be float32, got {stored_dtype(self.inner, s)}", [s])
             ws, ss = tuple(shapes[w]), tuple(shapes[s])
             if len(ws) < 2:
                 self._fail(f"FP8 tensor of shape {ws} (need at least 2 dims)", [w])
@@ -377,7 +377,7 @@ class QuantizedCheckpoint:
         hidden = {k for pair in self._packed.values() for k in pair}
         counts: dict[torch.dtype, int] = {}
         for k in self.inner.shapes:
-            d = _dtype_of(self.inner, k)
+            d = stored_dtype(self.inner, k)
             if k not in hidden and d is not None and d.is_floating_point and not _is_fp8(d):
                 counts[d] = counts.get(d, 0) + 1
         if counts:
@@ -403,7 +403,7 @@ class QuantizedCheckpoint:
             if key in self._packed:
                 out = torch.empty(self.shapes[key], dtype=self.dtype)
             else:
-                out = torch.empty(self.shapes[key], dtype=_dtype_of(self.inner, key) or self.dtype)
+                out = torch.empty(self.shapes[key], dtype=stored_dtype(self.inner, key) or self.dtype)
             self.read_into(key, out)
             yield key, out
 
@@ -429,7 +429,7 @@ class QuantizedCheckpoint:
 
     def _raw(self, key: str) -> torch.Tensor:
         """One stored tensor, as stored, on CPU."""
-        d = _dtype_of(self.inner, key)
+        d = stored_dtype(self.inner, key)
         if d is not None and hasattr(self.inner, "read_into"):
             t = torch.empty(self.inner.shapes[key], dtype=d)
             self.inner.read_into(key, t)

@@ -30,7 +30,7 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     """
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
-    qg = q.view(B, K, H // K, T, D)  # group query heads by the kv head they share
+    qg = q.reshape(B, K, H // K, T, D)  # group query heads by the kv head they share
     scores = (qg @ k[:, :, None].transpose(-1, -2)).view(B, H, T, S) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
@@ -63,7 +63,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
     G = H // K
-    qg = q.view(B, K, G * T, D)  # row g * T + t: query head k * G + g, token t
+    qg = q.reshape(B, K, G * T, D)  # row g * T + t: query head k * G + g, token t
     compiling = torch.compiler.is_compiling()  # compiled decode step: both products as streaming reductions
     if compiling:
         scores = (qg.float()[..., :, None, :] * k.float()[..., None, :, :]).sum(-1)  # (B, K, G*T, S)
