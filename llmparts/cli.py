@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import LLMPartsError
+from .errors import ContextLengthError, LLMPartsError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -72,6 +72,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tok = _load(args)
     kwargs = _sampling(args)
     use_chat = tok.chat_template is not None and not args.raw
+    if args.system and not use_chat:
+        raise LLMPartsError("generate: --system needs the chat template, "
+                            + ("which --raw turns off" if args.raw else "and this model's tokenizer has none"))
     if use_chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}
@@ -110,9 +113,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         reply = []
-        for piece in generate(model, tok, messages=system + history, stream=True, **_sampling(args)):
-            reply.append(piece)
-            print(piece, end="", flush=True)
+        try:
+            for piece in generate(model, tok, messages=system + history, stream=True, **_sampling(args)):
+                reply.append(piece)
+                print(piece, end="", flush=True)
+        except ContextLengthError as e:
+            history.pop()
+            print(f"error: {e}; this message was dropped, /reset clears the history", file=sys.stderr)
+            continue
         print()
         history.append({"role": "assistant", "content": "".join(reply)})
 

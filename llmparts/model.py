@@ -545,6 +545,21 @@ def resolve_dtype(dtype: torch.dtype | str | None, what: str = "dtype") -> torch
     return dtype
 
 
+def resolve_device(device: torch.device | str | None) -> torch.device | None:
+    """``torch.device(device)``, or a ConfigError naming the value when it is not one this torch can use."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r} is not a torch device ({e}); use e.g. 'cpu' or 'cuda:0'") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device {device!r}: this torch sees {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} "
+                          "CUDA device(s) (torch.cuda.is_available() is "
+                          f"{torch.cuda.is_available()}); use 'cpu' or another device")
+    return dev
+
+
 def check_seed(seed: Any) -> None:
     """A seed for ``torch.Generator.manual_seed``: an int in [0, 2**64)."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
@@ -560,6 +575,7 @@ def build_model(config: str | ModelConfig | dict[str, Any], overrides: list[str]
     ``device="meta"`` builds without allocating memory (for counting parameters or loading).
     """
     dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
     check_seed(seed)
     cfg = load_config(config, overrides)
     with torch.device("meta"):

@@ -24,7 +24,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, ModelNotFoundError
-from ..model import CausalLM, allocate_empty, resolve_dtype
+from ..model import CausalLM, allocate_empty, resolve_device, resolve_dtype
 from .checkpoint import PickleCheckpoint, SafetensorsCheckpoint
 from .hub import resolve_source
 from .quant import QuantizedCheckpoint, parse_quant_config, stored_dtype, wrap_quantized
@@ -80,8 +80,8 @@ def load_pretrained(source: str | Path, dtype: torch.dtype | str | None = None,
             safetensors exist. Off by default: pickles can execute code.
         revision: Hub revision (branch, tag or commit) for repo ids.
     """
+    dtype, device = resolve_dtype(dtype), resolve_device(device)  # (before any download)
     path = resolve_source(source, revision)
-    dtype = resolve_dtype(dtype)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelNotFoundError(f"{source}: a file must be a .gguf model; otherwise pass a model directory")
@@ -135,7 +135,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
     """Load a GGUF file: metadata -> HF-style config -> family adapter; tensors dequantized per tensor."""
     from .gguf import GGUFFile
 
-    dtype = resolve_dtype(dtype)
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     f = GGUFFile(path)
     cfg, raw, family = _gguf_config(f)
     with torch.device("meta"):

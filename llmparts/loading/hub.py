@@ -72,6 +72,7 @@ def download(repo_id: str, revision: str | None = None, local_files_only: bool |
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -87,6 +88,8 @@ def download(repo_id: str, revision: str | None = None, local_files_only: bool |
             token=os.environ.get("HF_TOKEN") or None,
             local_files_only=offline,
         )
+    except HFValidationError as e:
+        raise ModelNotFoundError(f"{repo_id!r} is neither a local path nor a valid Hub repo id ({e})") from None
     except GatedRepoError:
         raise ModelNotFoundError(
             f"{repo_id}: the repository is gated; accept its terms on the Hub and set HF_TOKEN"

@@ -1,0 +1,27 @@
+"""The CLI reports bad arguments as one `error:` line (exit status 2), not a traceback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmparts.cli import main
+
+
+def test_inspect_a_shipped_config(capsys):
+    assert main(["inspect", "tiny/qwen3"]) == 0
+    assert "KV cache" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:7"])
+def test_unusable_device(capsys, tmp_path, device):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert main(["generate", "--model", str(tmp_path), "--device", device, "hello"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: device") and device in err
+
+
+def test_invalid_repo_id(capsys):
+    assert main(["download", "../etc"]) == 2
+    assert "neither a local path nor a valid Hub repo id" in capsys.readouterr().err
