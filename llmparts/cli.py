@@ -55,7 +55,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from .loading import load_pretrained
     from .tokenizer import Tokenizer
 
-    source = args.model or str(default_model_path())
+    source = str(default_model_path()) if args.model is None else args.model
     model = load_pretrained(source, dtype=args.dtype, device=args.device)
     if getattr(args, "compile", False):
         model.compile_decode()

@@ -396,6 +396,17 @@ def generate(model: Any, tokenizer: Any = None,
     if bad_stops:
         raise InputError(f"stop_token_ids={stop_token_ids!r} is invalid: expected token ids (ints >= 0), "
                          f"got {bad_stops[0]!r}")
+    if stops:  # special tokens never appear in the decoded text: a stop string that is one stops on its id
+        special = {tokenizer.id_to_token(i): i for i in getattr(tokenizer, "special_ids", ())}
+        special.pop(None, None)
+        for s in list(stops):
+            if s in special:
+                stops.remove(s)
+                extra_stops.append(special[s])
+            elif any(t and t in s for t in special):
+                t = next(t for t in special if t and t in s)
+                raise InputError(f"stop string {s!r} contains the special token {t!r}, which the decoded text "
+                                 f"never shows; stop on it with stop_token_ids=[{special[t]}] instead")
 
     # ---- prompts -> left-padded ids (B, T) and mask
     eos_ids = [int(i) for i in _as_list(getattr(tokenizer, "eos_token_ids", None))]

@@ -103,13 +103,14 @@ class KVCache:
         self.length = 0
         self.next_pos = 0  # the position that continues the sequence contiguously
         self.contiguous = True  # every slot so far holds position == slot index + offset, no padding
+        self.incomplete = False  # a forward began writing and did not commit (it raised or was interrupted)
 
     def reset(self) -> None:
         """Forget every token; the buffers are kept for the next sequence."""
         self.slot_pos.fill_(-1)
         for r in self.ring_pos.values():
             r.fill_(-1)
-        self.length, self.next_pos, self.contiguous = 0, 0, True
+        self.length, self.next_pos, self.contiguous, self.incomplete = 0, 0, True, False
 
     def begin(self, q_pos: torch.Tensor, contiguous: bool) -> dict[int | None, StepPlan]:
         """Record the positions of T new tokens and plan the step for every window kind.
@@ -117,6 +118,10 @@ class KVCache:
         ``contiguous``: the caller guarantees q_pos is ``arange(next_pos, next_pos + T)`` in every row.
         """
         B, T = q_pos.shape
+        if self.incomplete:
+            raise CacheError("this cache holds a partly written step: a forward that used it raised or was "
+                             "interrupted after writing some layers (sliding-window rings may have lost keys); "
+                             "call cache.reset() and run the prompt again")
         if B != self.batch_size:
             raise CacheError(f"batch size {B} does not match the cache's batch_size {self.batch_size}")
         L = self.length
@@ -125,6 +130,7 @@ class KVCache:
                 f"cache full: {L} tokens cached + {T} new > max_seq_len {self.max_seq_len}; "
                 "make a larger cache (model.make_cache(batch_size, max_seq_len)) or reset() it"
             )
+        self.incomplete = True  # until commit
         self.contiguous = self.contiguous and contiguous and (L == 0 or self.next_pos == int(q_pos[0, 0]))
         self.slot_pos[:, L : L + T] = q_pos
         plans: dict[int | None, StepPlan] = {}
@@ -150,6 +156,7 @@ class KVCache:
         return plans
 
     def commit(self, q_pos: torch.Tensor) -> None:
+        self.incomplete = False
         T = q_pos.shape[1]
         self.length += T
         self.next_pos = int(q_pos[0, -1]) + 1 if self.contiguous else -1

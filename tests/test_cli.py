@@ -25,3 +25,8 @@ def test_unusable_device(capsys, tmp_path, device):
 def test_invalid_repo_id(capsys):
     assert main(["download", "../etc"]) == 2
     assert "neither a local path nor a valid Hub repo id" in capsys.readouterr().err
+
+
+def test_empty_model_source(capsys):
+    assert main(["generate", "--model", "", "hello"]) == 2
+    assert "model source is empty" in capsys.readouterr().err

@@ -497,3 +497,19 @@ def test_context_length_real_model(pair):
         generate(ours, None, torch.zeros(1, ctx, dtype=torch.long), max_new_tokens=1)
     out = generate(ours, None, torch.zeros(1, ctx - 3, dtype=torch.long), max_new_tokens=10)
     assert out.shape == (1, ctx)
+
+
+def test_stop_string_that_is_a_special_token_stops_on_its_id():
+    """Decoded text never shows special tokens, so such a stop string could never match as text."""
+
+    class Tok(ByteTokenizer):
+        special_ids = {256, 257, 258, 259}
+
+        def id_to_token(self, i):
+            return self.SPECIAL.get(i)
+
+    model = ScriptedLM([byte_ids("ab") + [259] + byte_ids("cd")])
+    assert generate(model, Tok(), "q", stop="<eot>") == "ab"
+    assert generate(model, Tok(), "q") == "abcd"
+    with pytest.raises(InputError, match=r"stop_token_ids=\[259\]"):
+        generate(model, Tok(), "q", stop="b<eot>")

@@ -164,3 +164,26 @@ def test_chunked_cached_step_through_a_nope_layer(tmp_path):
         cache = m.make_cache(1, 32)
         steps = [m(ids[:, :8], cache=cache), m(ids[:, 8:10], cache=cache), m(ids[:, 10:], cache=cache)]
     assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
+
+
+def test_a_cache_left_by_an_interrupted_forward_must_be_reset():
+    """Layers write their keys as they go (rings overwrite old ones), so a forward that raises midway
+    leaves a cache that no later step may trust."""
+    from llmparts.errors import CacheError
+
+    m = llmparts.build_model("tiny/qwen3", overrides=["attention.window=4"], seed=0).eval()
+    cache = m.make_cache(1, 32)
+    ids = torch.randint(0, 256, (1, 10))
+
+    def fail(*_):
+        raise RuntimeError("out of memory (simulated)")
+
+    handle = m.layers[1].register_forward_pre_hook(fail)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="simulated"):
+        m(ids, cache=cache)
+    handle.remove()
+    with torch.no_grad():
+        with pytest.raises(CacheError, match="reset"):
+            m(ids, cache=cache)
+        cache.reset()
+        assert (m(ids, cache=cache) - m(ids)).abs().max().item() <= 1e-5
