@@ -145,6 +145,7 @@ def test_integer_tensor_for_a_float_weight_is_refused(model, tmp_path):
     (lambda c: c.update(rms_norm_eps=float("nan")), "finite"),
     (lambda c: c.update(rms_norm_eps="abc"), "rms_norm_eps"),
     (lambda c: c.update(tie_word_embeddings="false"), "tie_word_embeddings must be true or false"),
+    (lambda c: c.update(use_sliding_window="false"), "use_sliding_window must be true or false"),
 ])
 def test_bad_config_json_values(model, tmp_path, edit, match):
     save_pretrained(model, tmp_path, model_type="qwen3")

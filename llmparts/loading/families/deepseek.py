@@ -71,7 +71,7 @@ def _deepseek(hf: HFConfig, version: int) -> dict[str, Any]:
             f"{hf.source}: head_dim ({head_dim}) must equal qk_rope_head_dim ({rope}) for DeepSeek models "
             "(transformers uses it as the RoPE width)"
         )
-    interleave = hf.get("rope_interleave", True) if version == 3 else True
+    interleave = hf.flag("rope_interleave", True) if version == 3 else True
     act = hf.expect("hidden_act", ("silu",), "DeepSeek MLPs use silu")
     hf.expect("mlp_bias", (False,), "DeepSeek MLPs have no bias")
     position = rope_from_hf(hf, 10000.0)
@@ -127,7 +127,7 @@ def _deepseek(hf: HFConfig, version: int) -> dict[str, Any]:
                   "(group_limited_greedy scores groups by their max, which llmparts does not implement)")
         hf.get("n_group")
         hf.get("topk_group")
-        if hf.get("norm_topk_prob", False):
+        if hf.flag("norm_topk_prob", False):
             raise UnsupportedModelError(f"{hf.source}: norm_topk_prob=true: transformers' DeepSeek-V2 ignores it; refusing the ambiguity")
         moe.update(router="softmax", normalize=False)
     cfg["mlp"] = moe

@@ -27,7 +27,7 @@ GLOBAL_THETA, LOCAL_THETA = 1_000_000.0, 10_000.0
 def gemma3_from_hf(hf: HFConfig) -> dict[str, Any]:
     n = hf.require("num_hidden_layers")
     d_model = hf.require("hidden_size")
-    if hf.get("use_bidirectional_attention", False):
+    if hf.flag("use_bidirectional_attention", False):
         raise UnsupportedModelError(f"{hf.source}: use_bidirectional_attention=true is not a causal LM")
     hf.expect("attention_bias", (False,), "Gemma 3 projections have no bias")
     hf.expect("hidden_activation", ("gelu_pytorch_tanh",), "Gemma 3's GeGLU uses tanh GELU")

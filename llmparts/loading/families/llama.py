@@ -14,8 +14,8 @@ def llama_core(hf: HFConfig, default_eps: float = 1e-6, default_theta: float = 1
     n_heads = hf.require("num_attention_heads")
     head_dim = hf.get("head_dim")
     act = hf.expect("hidden_act", ("silu",), "the gated MLP of this family uses silu")
-    mlp_bias = hf.get("mlp_bias", False)
-    attention_bias = hf.get("attention_bias", False)
+    mlp_bias = hf.flag("mlp_bias", False)
+    attention_bias = hf.flag("attention_bias", False)
     return {
         **sizes_from_hf(hf),
         "attention": {

@@ -23,7 +23,7 @@ def qwen3_from_hf(hf: HFConfig) -> dict[str, Any]:
     n = cfg["n_layers"]
     # transformers: sliding_window is forced to None unless use_sliding_window is true
     sliding_window = hf.get("sliding_window") if "sliding_window" in hf.data else 4096  # (null: no window)
-    window = sliding_window if hf.get("use_sliding_window", False) else None
+    window = sliding_window if hf.flag("use_sliding_window", False) else None
     max_window_layers = hf.get("max_window_layers", 28)
     default = ["sliding_attention" if window and i >= max_window_layers else "full_attention" for i in range(n)]
     types = layer_types_from_hf(hf, n, default)

@@ -26,7 +26,7 @@ def qwen3_moe_from_hf(hf: HFConfig) -> dict[str, Any]:
     n = cfg["n_layers"]
     # read either way (released files carry it, null, unused); 4096 is the config class default, null means none
     sliding_window = hf.get("sliding_window") if "sliding_window" in hf.data else 4096
-    window = sliding_window if hf.get("use_sliding_window", False) else None
+    window = sliding_window if hf.flag("use_sliding_window", False) else None
     hf.get("max_window_layers")  # read by Qwen2; transformers' Qwen3-MoE ignores it (window on all layers)
     if window is not None:
         cfg["attention"]["window"] = check_window(hf, window)
