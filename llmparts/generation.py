@@ -17,6 +17,7 @@ min-p. Each is a small function here, tested against transformers' processor of 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -370,6 +371,7 @@ def generate(model: Any, tokenizer: Any = None,
     for a batch), so prompt plus output never exceeds the context.
     """
     dev = _device(model)
+    sampling_only = {"top_k": top_k, "top_p": top_p, "min_p": min_p, "seed": seed}  # as passed
     gc = dict(getattr(tokenizer, "generation_config", None) or {})
     sampled = {k: gc.get(k) for k in ("temperature", "top_k", "top_p", "min_p")} if gc.get("do_sample") else {}
     if gc.get("do_sample") and sampled["temperature"] is None:
@@ -383,6 +385,10 @@ def generate(model: Any, tokenizer: Any = None,
     params = SamplingParams(pick(temperature, 0.0), pick(top_k, 0), pick(top_p, 1.0), min_p,
                             pick(repetition_penalty, 1.0))
     params.validate()
+    unused = [f"{k}={v!r}" for k, v in sampling_only.items() if v is not None] if params.greedy else []
+    if unused:
+        warnings.warn(f"generate: {', '.join(unused)} only apply when sampling, and temperature is "
+                      f"{params.temperature} (greedy); set temperature > 0 to sample", stacklevel=2)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens={max_new_tokens!r} is invalid: expected an integer >= 1")
     stops = _as_list(stop)

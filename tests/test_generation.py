@@ -409,8 +409,9 @@ def test_generation_config_defaults():
         generate(model, ByteTokenizer({"do_sample": True, "temperature": 0.6, "top_k": 5, "top_p": 0.9}), "p",
                  max_new_tokens=1)
         assert seen["p"] == SamplingParams(0.6, 5, 0.9, None, 1.0)
-        generate(model, ByteTokenizer({"do_sample": True, "temperature": 0.6}), "p", max_new_tokens=1,
-                 temperature=0.0, top_k=3)
+        with pytest.warns(UserWarning, match="top_k=3 only apply when sampling"):
+            generate(model, ByteTokenizer({"do_sample": True, "temperature": 0.6}), "p", max_new_tokens=1,
+                     temperature=0.0, top_k=3)
         assert seen["p"].greedy and seen["p"].top_k == 3  # explicit arguments win
     finally:
         SamplingParams.validate = real
@@ -513,3 +514,15 @@ def test_stop_string_that_is_a_special_token_stops_on_its_id():
     assert generate(model, Tok(), "q") == "abcd"
     with pytest.raises(InputError, match=r"stop_token_ids=\[259\]"):
         generate(model, Tok(), "q", stop="b<eot>")
+
+
+def test_sampling_arguments_with_greedy_decoding_warn():
+    import warnings
+
+    model = ScriptedLM([byte_ids("ab")])
+    with pytest.warns(UserWarning, match=r"top_p=0.5, seed=3 only apply when sampling"):
+        generate(model, ByteTokenizer(), "q", top_p=0.5, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(model, ByteTokenizer(), "q", temperature=0.7, top_p=0.5, seed=3)
+        generate(model, ByteTokenizer(), "q")
