@@ -21,13 +21,14 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_llama_gguf(path, model, arch="llama", qtypes=None, extra=None, extra_tensors=None):
+def write_llama_gguf(path, model, arch="llama", qtypes=None, extra=None, extra_tensors=None, arrays=None):
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(L)
     w.add_context_length(256)
     w.add_embedding_length(D)
-    w.add_feed_forward_length(F)
+    if f"{arch}.feed_forward_length" not in (arrays or {}):
+        w.add_feed_forward_length(F)
     w.add_head_count(H)
     w.add_head_count_kv(K)
     w.add_layer_norm_rms_eps(1e-5)
@@ -36,6 +37,8 @@ def write_llama_gguf(path, model, arch="llama", qtypes=None, extra=None, extra_t
     w.add_vocab_size(V)
     for key, value in (extra or {}).items():
         w.add_uint32(key, value)
+    for key, value in (arrays or {}).items():
+        w.add_array(key, value)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     per = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -46,7 +49,7 @@ def write_llama_gguf(path, model, arch="llama", qtypes=None, extra=None, extra_t
             name = names[key]
         else:
             parts = key.split(".")
-            name = f"blk.{parts[2]}.{per['.'.join(parts[3:-1])]}.weight"
+            name = f"blk.{parts[2]}.{per['.'.join(parts[3:-1])]}.{parts[-1]}"
         if ".attn_q." in name:
             value = permute(value, H)
         elif ".attn_k." in name:
@@ -149,3 +152,55 @@ def test_not_a_gguf_and_truncated(tiny_llama, tmp_path):
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):
         llmparts.load_pretrained(cut)
+
+
+def test_llama_file_with_attention_biases(tmp_path):
+    """llama.cpp loads q/k/v biases as optional tensors of its llama graph (permuted like the weights)."""
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
+                                   num_attention_heads=H, num_key_value_heads=K, tie_word_embeddings=False,
+                                   max_position_embeddings=256, rms_norm_eps=1e-5, attention_bias=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    ours = llmparts.load_pretrained(write_llama_gguf(tmp_path / "bias.gguf", model))
+    x = torch.randint(0, V, (1, 24))
+    with torch.no_grad():
+        assert (ours(x) - model(x).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("alignment", [0, 7])
+def test_alignment_must_be_a_power_of_two(tiny_llama, tmp_path, alignment):
+    path = write_llama_gguf(tmp_path / "a.gguf", tiny_llama, extra={"general.alignment": alignment})
+    with pytest.raises(CheckpointError, match="power of two"):
+        llmparts.load_pretrained(path)
+
+
+def test_per_layer_array_metadata_is_refused(tiny_llama, tmp_path):
+    path = write_llama_gguf(tmp_path / "arr.gguf", tiny_llama, arrays={"llama.feed_forward_length": [F] * L})
+    with pytest.raises(UnsupportedModelError, match="per-layer array"):
+        llmparts.load_pretrained(path)
+
+
+@pytest.mark.parametrize("layers, scale", [(2, 8**-0.5), (62, 16**-0.5)])
+def test_gemma3_attention_scale_as_llama_cpp(tmp_path, layers, scale):
+    """GGUF has no query_pre_attn_scalar: llama.cpp scales by 1/sqrt(head_dim), except for the 62-layer
+    Gemma 3 27B, where it uses 1/sqrt(n_embd / n_head) (its released config's 168)."""
+    from llmparts.loading import config_of
+
+    w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gemma3")
+    for key, value in (("block_count", layers), ("context_length", 256), ("embedding_length", 64),
+                       ("feed_forward_length", 96), ("attention.head_count", 4), ("attention.head_count_kv", 1),
+                       ("attention.key_length", 8), ("attention.value_length", 8),
+                       ("attention.sliding_window", 16)):
+        w.add_uint32(f"gemma3.{key}", value)
+    w.add_float32("gemma3.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_tensor("token_embd.weight", np.zeros((V, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    scales = {spec.attention.scale for spec in config_of(tmp_path / "g.gguf").layers}
+    assert len(scales) == 1 and scales.pop() == pytest.approx(scale)

@@ -11,8 +11,9 @@ loading is the same strict path as for safetensors (family adapter, weight map, 
   subtracted so the weights mean what HF checkpoints mean.
 
 Facts a GGUF file does not carry come from the family defaults stated in :data:`ARCHS` (for
-gemma3: local RoPE base 10k, 5:1 local/global pattern, query_pre_attn_scalar 256 — transformers'
-Gemma3TextConfig defaults, which is also what transformers assumes when it reads these files).
+gemma3: local RoPE base 10k, 5:1 local/global pattern — transformers' Gemma3TextConfig defaults — and
+the attention scale llama.cpp uses: query_pre_attn_scalar = head_dim, or n_embd / n_head for the
+62-layer 27B; 256 for every released size but 27B's 168. transformers assumes 256 for all.)
 """
 
 from __future__ import annotations
@@ -107,32 +108,33 @@ _COMMON_KEYS = (
 
 def _common_config(f: "GGUFFile") -> dict[str, Any]:
     a = f.arch
-    n_heads = int(f.meta(f"{a}.attention.head_count"))
-    d_model = int(f.meta(f"{a}.embedding_length"))
-    head_dim = f.meta(f"{a}.attention.key_length", None) or f.meta(f"{a}.rope.dimension_count", None) or d_model // n_heads
-    value_dim = f.meta(f"{a}.attention.value_length", head_dim)
+    n_heads = f.meta_int(f"{a}.attention.head_count")
+    d_model = f.meta_int(f"{a}.embedding_length")
+    head_dim = (f.meta_int(f"{a}.attention.key_length", None) or f.meta_int(f"{a}.rope.dimension_count", None)
+                or d_model // n_heads)
+    value_dim = f.meta_int(f"{a}.attention.value_length", head_dim)
     if value_dim != head_dim:
         raise UnsupportedModelError(f"{f.path}: key_length {head_dim} != value_length {value_dim} is not supported")
-    rope_dim = f.meta(f"{a}.rope.dimension_count", head_dim)
+    rope_dim = f.meta_int(f"{a}.rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise UnsupportedModelError(f"{f.path}: partial rotary ({a}.rope.dimension_count={rope_dim} < head_dim {head_dim})")
     vocab = f.shapes["model.embed_tokens.weight"][0]
     cfg = {
         "vocab_size": int(vocab),
         "hidden_size": d_model,
-        "intermediate_size": int(f.meta(f"{a}.feed_forward_length")),
-        "num_hidden_layers": int(f.meta(f"{a}.block_count")),
+        "intermediate_size": f.meta_int(f"{a}.feed_forward_length"),
+        "num_hidden_layers": f.meta_int(f"{a}.block_count"),
         "num_attention_heads": n_heads,
-        "num_key_value_heads": int(f.meta(f"{a}.attention.head_count_kv", n_heads)),
+        "num_key_value_heads": f.meta_int(f"{a}.attention.head_count_kv", n_heads),
         "head_dim": int(head_dim),
-        "max_position_embeddings": int(f.meta(f"{a}.context_length")),
+        "max_position_embeddings": f.meta_int(f"{a}.context_length"),
         "rms_norm_eps": float(f.meta(f"{a}.attention.layer_norm_rms_epsilon")),
         "tie_word_embeddings": "lm_head.weight" not in f.shapes,
     }
     for key, meta in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id"),
                       ("pad_token_id", "tokenizer.ggml.padding_token_id")):
         if f.meta(meta, None) is not None:
-            cfg[key] = int(f.meta(meta))
+            cfg[key] = f.meta_int(meta)
     return cfg
 
 
@@ -143,6 +145,8 @@ def _llama_config(f: "GGUFFile") -> dict[str, Any]:
             "scaling parameters GGUF does not record; load the original safetensors checkpoint instead"
         )
     cfg = _common_config(f)
+    # optional in llama.cpp's llama graph (Qwen2-style exports carry them): present in block 0 or absent
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in f.raw_names
     rope = {"rope_type": "default", "rope_theta": float(f.meta("llama.rope.freq_base", 10000.0))}
     rope.update(_rope_scaling(f) or {})
     cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu", rope_parameters=rope)
@@ -158,8 +162,11 @@ def _gemma3_config(f: "GGUFFile") -> dict[str, Any]:
         architectures=["Gemma3ForCausalLM"],
         hidden_activation="gelu_pytorch_tanh",
         sliding_window=int(f.meta("gemma3.attention.sliding_window", 4096)),
-        # Not stored in GGUF: transformers' Gemma3TextConfig defaults (local base 10k, pattern 6, scalar 256)
-        query_pre_attn_scalar=256,
+        # Not stored in GGUF: transformers' Gemma3TextConfig defaults (local base 10k, pattern 6), and the
+        # attention scale as llama.cpp computes it: 1/sqrt(head_dim), except for the 62-layer Gemma 3 27B,
+        # 1/sqrt(n_embd / n_head) (168, its released query_pre_attn_scalar; every other size has 256 = head_dim)
+        query_pre_attn_scalar=(cfg["hidden_size"] // cfg["num_attention_heads"] if cfg["num_hidden_layers"] == 62
+                               else cfg["head_dim"]),
         sliding_window_pattern=6,
         rope_parameters={"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
     )
@@ -221,6 +228,18 @@ class GGUFFile:
             self._tensors[name] = t
             self.shapes[name] = tuple(int(d) for d in reversed(t.shape))
         self.config = self.spec.config(self)
+
+    def meta_int(self, key: str, default: Any = ...) -> Any:
+        """An integer metadata value (``default`` when absent); arrays (per-layer values) are refused."""
+        value = self.meta(key, default)
+        if value is default:
+            return value
+        if isinstance(value, (list, tuple)):
+            raise UnsupportedModelError(f"{self.path}: {key} is a per-layer array ({value!r}); models whose "
+                                        "layers differ in this size are not supported")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise CheckpointError(f"{self.path}: GGUF metadata {key} must be an integer, got {value!r}")
+        return int(value)
 
     def meta(self, key: str, default: Any = ...) -> Any:
         if key not in self.fields:

@@ -99,7 +99,9 @@ class GGUFContainer:
             dims = tuple(scalar("<Q") for _ in range(n_dims))
             ttype, offset = scalar("<I"), scalar("<Q")
             infos.append((name, dims, ttype, offset))
-        align = int(self.fields.get("general.alignment", 32))
+        align = self.fields.get("general.alignment", 32)
+        if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise GGUFFormatError(f"general.alignment must be a non-zero power of two, got {align!r}")
         start = (self._pos + align - 1) // align * align
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, ttype, offset in infos:
