@@ -310,12 +310,16 @@ def _encode_prompts(tokenizer: Any, prompt: Any, messages: Any, chat: bool | Non
         if not chat:  # raw text: the tokenizer adds its BOS etc.
             return [tokenizer.encode(t, add_special_tokens=True) for t in texts], kind
         conversations = [[{"role": "user", "content": t}] for t in texts]
+    if template_kwargs is not None and not isinstance(template_kwargs, dict):
+        raise InputError(f"template_kwargs must be a dict of template variables, got {template_kwargs!r}")
+    kwargs = dict(template_kwargs or {})
+    add_generation_prompt = kwargs.pop("add_generation_prompt", True)
     ids = []
     for i, conv in enumerate(conversations):
         if not conv:
             raise InputError(f"messages[{i}] is an empty conversation")
-        rendered = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False,
-                                                 **(template_kwargs or {}))
+        rendered = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                                 **kwargs)
         ids.append(tokenizer.encode(rendered, add_special_tokens=False))  # the template has its BOS
     return ids, kind
 

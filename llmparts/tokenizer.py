@@ -17,6 +17,8 @@ Ids and decoded text are meant to equal ``transformers.AutoTokenizer`` on the sa
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import re
@@ -72,12 +74,16 @@ class _HFBackend:
         """tokenizer_config.json ``added_tokens_decoder`` entries missing from tokenizer.json."""
         from tokenizers import AddedToken
 
-        present = {t.content for t in self.tok.get_added_tokens_decoder().values()}
+        present = {t.content: t for t in self.tok.get_added_tokens_decoder().values()}
         for _, spec in sorted(decoder.items(), key=lambda kv: int(kv[0])):
-            if not isinstance(spec, Mapping) or spec.get("content") in present:
+            if not isinstance(spec, Mapping) or not isinstance(spec.get("content"), str):
                 continue
             flags = {k: bool(spec[k]) for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in spec}
-            self.tok.add_tokens([AddedToken(spec["content"], **flags)])
+            old = present.get(spec["content"])
+            if old is None:
+                self.tok.add_tokens([AddedToken(spec["content"], **flags)])
+            elif flags.get("special") and not old.special:  # the config's flag wins, as in transformers
+                self.tok.add_special_tokens([AddedToken(spec["content"], **{**flags, "normalized": old.normalized})])
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -395,9 +401,15 @@ def _plain(value: Any) -> Any:
     """Rebuild template inputs from plain JSON types (as transformers does); anything else -> "<Type>"."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    for base in (bool, str, int, float):
+    if isinstance(value, bool):
+        return bool(value)
+    for base in (str, int, float):  # subclasses (str enums) by their value, not their __str__
         if isinstance(value, base):
-            return base(value)
+            return getattr(base, f"__{base.__name__}__")(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if callable(getattr(value, "model_dump", None)):  # pydantic models
+        return _plain(value.model_dump())
     if isinstance(value, Mapping):
         return {_plain(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -407,6 +419,21 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
         return _plain(value.item())
     return f"<{type(value).__name__}>"
+
+
+def _cut_after_final_message(text: str, content: Any) -> str:
+    """``text`` up to the end of the final message's content (transformers' continue_final_message)."""
+    if isinstance(content, (list, tuple)):  # content parts: the last text part
+        texts = [p.get("text") for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str)]
+        content = texts[-1] if texts else None
+    if not isinstance(content, str) or not content.strip():
+        raise InputError("continue_final_message=True needs a final message with text content")
+    for piece in (content, content.strip()):  # (some templates strip the content)
+        at = text.rfind(piece)
+        if at >= 0:
+            return text[: at + len(piece)]
+    raise InputError("continue_final_message=True, but the final message's content does not appear in the "
+                     "rendered chat template")
 
 
 def _alias_reasoning(message: dict[str, Any]) -> dict[str, Any]:
@@ -468,11 +495,16 @@ class Tokenizer:
             raise ConfigError(f"{path / 'tokenizer_config.json'}: expected a JSON object")
         legacy_map = path / "special_tokens_map.json"
         if "added_tokens_decoder" not in config and legacy_map.is_file():
-            config = {**_read_json(legacy_map), **config}
+            config = {**config, **_read_json(legacy_map)}  # the map's named tokens win, as in transformers
         special = {}
         for key, value in config.items():  # bos/eos/... plus model-specific ones (Gemma3's boi_token)
             if key.endswith("_token") and _content(value) is not None:
                 special[key] = _content(value)
+        extra = config.get("extra_special_tokens") or {}  # transformers 5: named (dict) or anonymous (list)
+        if isinstance(extra, Mapping):
+            special.update({str(k): _content(v) for k, v in extra.items() if _content(v) is not None})
+            extra = []
+        extra_special = [_content(v) for v in extra if _content(v) is not None] if isinstance(extra, list) else []
         added_decoder = config.get("added_tokens_decoder") or {}
 
         if (path / "tokenizer.json").is_file():
@@ -520,6 +552,8 @@ class Tokenizer:
                 base = {"default": template} if isinstance(template, str) else dict(template or {})
                 template = {**base, **named}
 
+        if extra_special:
+            backend.add_special(extra_special)
         gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
         return cls(backend, special, template, gen, str(path))
 
@@ -603,9 +637,13 @@ class Tokenizer:
         the special tokens (``bos_token``, ``eos_token``, ...), which kwargs override. ``tools`` and
         ``documents`` are passed as transformers passes them; ``chat_template=`` picks a named template or
         replaces the template. ``tokenize=True`` returns ids (no BOS added: templates write their own).
+        ``continue_final_message=True`` (as in transformers) ends the text right after the last message's
+        content, with no generation prompt, so that generation continues that message.
         """
         import jinja2
 
+        continue_final = bool(template_kwargs.pop("continue_final_message", False))
+        add_generation_prompt = add_generation_prompt and not continue_final
         tools = template_kwargs.pop("tools", None)
         documents = template_kwargs.pop("documents", None)
         template = self._pick_template(template_kwargs.pop("chat_template", None), tools)
@@ -626,6 +664,8 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt, **context)
         except jinja2.exceptions.TemplateError as e:
             raise InputError(f"chat template raised: {e}") from None
+        if continue_final:
+            text = _cut_after_final_message(text, chat[-1].get("content"))
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def _pick_template(self, choice: str | None, tools: Any) -> str:

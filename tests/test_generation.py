@@ -526,3 +526,12 @@ def test_sampling_arguments_with_greedy_decoding_warn():
         warnings.simplefilter("error")
         generate(model, ByteTokenizer(), "q", temperature=0.7, top_p=0.5, seed=3)
         generate(model, ByteTokenizer(), "q")
+
+
+def test_template_kwargs_may_set_add_generation_prompt():
+    model, tok = ScriptedLM([byte_ids("ok")]), ByteTokenizer()
+    msgs = [{"role": "user", "content": "q"}]
+    assert generate(model, tok, messages=msgs, template_kwargs={"add_generation_prompt": False}) == "ok"
+    assert bytes(model.calls[0][0].tolist()).decode() == "<user>q\n"  # the prompt: no assistant header
+    with pytest.raises(InputError, match="template_kwargs must be a dict"):
+        generate(model, tok, messages=msgs, template_kwargs=5)

@@ -583,3 +583,75 @@ def test_bad_calls(smol_dir):
     with pytest.raises(InputError, match="1-D"):
         tok.decode(torch.zeros(2, 3, dtype=torch.long))
     assert tok.decode([]) == "" and tok.encode("") == []
+
+
+def test_legacy_special_tokens_map_wins_over_the_config(smol_dir, tmp_path):
+    """Legacy layout (no added_tokens_decoder): transformers takes the named tokens of
+    special_tokens_map.json over tokenizer_config.json's."""
+    d = _copy(smol_dir, tmp_path / "legacy", eos_token="<|endoftext|>")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("added_tokens_decoder", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    ours, ref = Tokenizer.from_pretrained(d), transformers.AutoTokenizer.from_pretrained(d)
+    assert ours.eos_token_id == ref.eos_token_id == ours.token_to_id("<|im_end|>")
+
+
+def test_extra_special_tokens(smol_dir, tmp_path):
+    """transformers 5's extra_special_tokens: named (a dict, also template variables) or a list."""
+    template = "{{ image_token }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    for extra in ({"image_token": "<image>"}, ["<image>"]):
+        d = _copy(smol_dir, tmp_path / type(extra).__name__, template=template, extra_special_tokens=extra)
+        ours, ref = Tokenizer.from_pretrained(d), transformers.AutoTokenizer.from_pretrained(d)
+        assert ours.encode("a <image> b") == ref.encode("a <image> b")
+        assert ours.vocab_size == len(ref)
+        assert ours.token_to_id("<image>") in ours.special_ids
+        if isinstance(extra, dict):
+            m = [{"role": "user", "content": "x"}]
+            assert ours.apply_chat_template(m, add_generation_prompt=False) == ref.apply_chat_template(m, tokenize=False)
+
+
+def test_config_marks_an_existing_token_special(smol_dir, tmp_path):
+    """tokenizer.json has the token as non-special; tokenizer_config.json's added_tokens_decoder says
+    special: transformers follows the config (skip_special_tokens drops it)."""
+    d = _copy(smol_dir, tmp_path / "flag")
+    tj = json.loads((d / "tokenizer.json").read_text())
+    entry = next(t for t in tj["added_tokens"] if t["content"] == "<|im_start|>")
+    entry["special"] = False
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"] = {str(entry["id"]): {**{k: entry[k] for k in (
+        "content", "lstrip", "normalized", "rstrip", "single_word")}, "special": True}}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ours, ref = Tokenizer.from_pretrained(d), transformers.AutoTokenizer.from_pretrained(d)
+    ids = ours.encode("<|im_start|>x<|im_end|>", add_special_tokens=False)
+    assert ids == ref.encode("<|im_start|>x<|im_end|>", add_special_tokens=False)
+    assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True) == "x"
+
+
+def test_template_inputs_str_enums_dataclasses_and_continue_final_message(smollm2):
+    import dataclasses
+    import enum
+
+    class Role(str, enum.Enum):
+        USER = "user"
+        ASSISTANT = "assistant"
+
+    @dataclasses.dataclass
+    class Text:
+        value: str
+
+    ours, ref = smollm2
+    msgs = [{"role": Role.USER, "content": "Name a colour"}, {"role": Role.ASSISTANT, "content": "The colour is"}]
+    plain = [{"role": m["role"].value, "content": m["content"]} for m in msgs]
+    assert ours.apply_chat_template(msgs, add_generation_prompt=False) == ref.apply_chat_template(plain, tokenize=False)
+    got = ours.apply_chat_template(msgs, continue_final_message=True)
+    assert got == ref.apply_chat_template(plain, tokenize=False, continue_final_message=True)
+    assert got.endswith("The colour is")
+    # a dataclass reaches the template as a dict (transformers: dataclasses and pydantic models)
+    assert ours.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=False,
+                                    extra=Text("v")) == ours.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=False, extra={"value": "v"})
+    with pytest.raises(InputError, match="continue_final_message"):
+        ours.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}],
+                                 continue_final_message=True)
