@@ -162,6 +162,18 @@ def _proto_fields(buf: bytes) -> list[tuple[int, int, bytes, int | None]]:
     return out
 
 
+def _user_defined_ids(model: bytes) -> list[int]:
+    """Ids of the USER_DEFINED pieces of a SentencePiece ModelProto (field 1: pieces, in id order; a
+    piece's field 3 is its type, 4 = USER_DEFINED)."""
+    ids = []
+    for i, (_, _, raw, _) in enumerate(f for f in _proto_fields(model) if f[0] == 1 and f[1] == 2):
+        _, body = _varint(raw, 0)
+        n, body = _varint(raw, body)
+        if any(number == 3 and value == 4 for number, _, _, value in _proto_fields(raw[body:body + n])):
+            ids.append(i)
+    return ids
+
+
 def _without_dummy_prefix(model: bytes) -> tuple[bytes, bool]:
     """(the SentencePiece ModelProto with ``normalizer_spec.add_dummy_prefix = false``, the original flag).
 
@@ -217,6 +229,9 @@ class _SentencePieceBackend:
         for i in range(n):  # control pieces (<s>, </s>) are special added tokens in transformers too
             if self.sp.is_control(i) and i not in self.added:
                 self.added[i] = {"content": self.sp.id_to_piece(i), "special": True, "lstrip": False, "rstrip": False}
+        for i in _user_defined_ids(raw):  # matched whole before SentencePiece runs, as transformers does
+            if i not in self.added:
+                self.added[i] = {"content": self.sp.id_to_piece(i), "special": False, "lstrip": False, "rstrip": False}
         self._ids = {v["content"]: i for i, v in self.added.items()}
         self._compile()
 

@@ -655,3 +655,22 @@ def test_template_inputs_str_enums_dataclasses_and_continue_final_message(smollm
     with pytest.raises(InputError, match="continue_final_message"):
         ours.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}],
                                  continue_final_message=True)
+
+
+def test_sentencepiece_user_defined_pieces_are_matched_whole(tmp_path):
+    """USER_DEFINED pieces (ChatML markers trained into a tokenizer.model) are matched before
+    SentencePiece runs, so no dummy-prefix "▁" lands in front of a prompt's first marker."""
+    import sentencepiece as spm
+
+    lines = ["Hello world, this is a test.", "The quick brown fox jumps over the lazy dog.", "user assistant"] * 100
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "tokenizer"), vocab_size=320, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "legacy": False}))
+    ours, ref = Tokenizer.from_pretrained(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in ["<|im_start|>user\nhi<|im_end|>", "<|im_start|><|im_start|>", "a<|im_end|> b"]:
+        assert ours.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False), text
+    assert ours.encode("<|im_start|>user", add_special_tokens=False)[0] == ours.token_to_id("<|im_start|>")
