@@ -205,8 +205,10 @@ def _without_dummy_prefix(model: bytes) -> tuple[bytes, bool]:
 class _SentencePieceBackend:
     """A SentencePiece ``tokenizer.model`` plus the added tokens transformers would match first."""
 
-    def __init__(self, path: Path, added: list[dict[str, Any]]) -> None:
+    def __init__(self, path: Path, added: list[dict[str, Any]], prepend: str = "first") -> None:
         import sentencepiece as spm
+
+        self.prepend = prepend  # transformers' Metaspace prepend_scheme: "first", "always" or "never"
 
         raw = path.read_bytes()
         try:
@@ -260,7 +262,9 @@ class _SentencePieceBackend:
         # transformers' Metaspace(prepend_scheme="first"): the "▁" SentencePiece adds in front goes only on
         # text at the very start, and not when that text already starts with a space. (Plain sentencepiece
         # would encode " the" as "▁▁the"; transformers, and so this, as "▁the".)
-        prefix = first and not text.startswith((" ", "▁"))
+        # legacy=true in tokenizer_config.json: every piece between added tokens gets it ("always");
+        # add_prefix_space=false: none does ("never")
+        prefix = (self.prepend == "always" or (first and self.prepend == "first")) and not text.startswith((" ", "▁"))
         return (self.sp if prefix else self.sp_rest).encode(text)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -307,7 +311,7 @@ class _SentencePieceBackend:
                 parts.append(self.sp.id_to_piece(i).replace("▁", " "))
         flush()
         text = "".join(parts)
-        return text[1:] if self.dummy_prefix and text.startswith(" ") else text
+        return text[1:] if self.dummy_prefix and self.prepend != "never" and text.startswith(" ") else text
 
     def token_to_id(self, token: str) -> int | None:
         if token in self._ids:
@@ -537,7 +541,9 @@ class Tokenizer:
                 names = set(special.values())
                 added = [{"id": i, "content": t, "special": t in names}
                          for t, i in _read_json(path / "added_tokens.json").items()]
-            backend = _SentencePieceBackend(path / "tokenizer.model", added)
+            prepend = ("never" if config.get("add_prefix_space") is False
+                       else "always" if config.get("legacy") is True else "first")  # (LlamaTokenizer's rule)
+            backend = _SentencePieceBackend(path / "tokenizer.model", added, prepend)
             sp = backend.sp  # like transformers, take bos/eos/unk from the model when the config has none
             for name, i in (("unk_token", sp.unk_id()), ("bos_token", sp.bos_id()), ("eos_token", sp.eos_id())):
                 if name not in special and i >= 0:

@@ -674,3 +674,12 @@ def test_sentencepiece_user_defined_pieces_are_matched_whole(tmp_path):
     for text in ["<|im_start|>user\nhi<|im_end|>", "<|im_start|><|im_start|>", "a<|im_end|> b"]:
         assert ours.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False), text
     assert ours.encode("<|im_start|>user", add_special_tokens=False)[0] == ours.token_to_id("<|im_start|>")
+
+
+@pytest.mark.parametrize("config", [{"legacy": True}, {"add_prefix_space": False}])
+def test_sentencepiece_prepend_scheme_from_config(sp_dir, tmp_path, config):
+    """LlamaTokenizer's Metaspace prepend scheme: legacy=true puts "▁" before every piece between added
+    tokens ("always"), add_prefix_space=false before none ("never"); the default is "first"."""
+    d = _copy(sp_dir, tmp_path / "sp", **config)
+    ours, ref = Tokenizer.from_pretrained(d), _hf_llama(d, add_bos_token=True, **config)
+    assert _mismatches(ours, ref, [*SP_TEXTS, "hello</s>world", "a<s> b</s>c"]) == []
