@@ -205,10 +205,12 @@ def _without_dummy_prefix(model: bytes) -> tuple[bytes, bool]:
 class _SentencePieceBackend:
     """A SentencePiece ``tokenizer.model`` plus the added tokens transformers would match first."""
 
-    def __init__(self, path: Path, added: list[dict[str, Any]], prepend: str = "first") -> None:
+    def __init__(self, path: Path, added: list[dict[str, Any]], prepend: str = "first",
+                 split_special: bool = False) -> None:
         import sentencepiece as spm
 
         self.prepend = prepend  # transformers' Metaspace prepend_scheme: "first", "always" or "never"
+        self.split_special = split_special  # split_special_tokens: special tokens in text are plain text
 
         raw = path.read_bytes()
         try:
@@ -243,7 +245,8 @@ class _SentencePieceBackend:
     def _compile(self) -> None:
         """One regex over every added token, longest first (the leftmost-longest match of tokenizers'
         AddedVocabulary); ``lstrip`` / ``rstrip`` tokens also swallow the whitespace beside them."""
-        order = sorted(self.added.items(), key=lambda kv: -len(kv[1]["content"]))
+        order = sorted(((i, v) for i, v in self.added.items() if not (self.split_special and v["special"])),
+                       key=lambda kv: -len(kv[1]["content"]))
         self._group_ids = [i for i, _ in order]
         alts = [("\\s*" if v["lstrip"] else "") + "(" + re.escape(v["content"]) + ")" + ("\\s*" if v["rstrip"] else "")
                 for _, v in order]
@@ -535,6 +538,7 @@ class Tokenizer:
                 raise ConfigError(f"{path / 'tokenizer.json'}: cannot be loaded by tokenizers ({e})") from None
             backend: Any = _HFBackend(tok, cleanup=bool(config.get("clean_up_tokenization_spaces", False)))
             backend.add_from_config(added_decoder)
+            tok.encode_special_tokens = config.get("split_special_tokens") is True  # special tokens as plain text
         elif (path / "tokenizer.model").is_file():
             added = [{"id": int(i), **v} for i, v in added_decoder.items() if isinstance(v, Mapping)]
             if not added and (path / "added_tokens.json").is_file():
@@ -543,7 +547,8 @@ class Tokenizer:
                          for t, i in _read_json(path / "added_tokens.json").items()]
             prepend = ("never" if config.get("add_prefix_space") is False
                        else "always" if config.get("legacy") is True else "first")  # (LlamaTokenizer's rule)
-            backend = _SentencePieceBackend(path / "tokenizer.model", added, prepend)
+            backend = _SentencePieceBackend(path / "tokenizer.model", added, prepend,
+                                            split_special=config.get("split_special_tokens") is True)
             sp = backend.sp  # like transformers, take bos/eos/unk from the model when the config has none
             for name, i in (("unk_token", sp.unk_id()), ("bos_token", sp.bos_id()), ("eos_token", sp.eos_id())):
                 if name not in special and i >= 0:

@@ -683,3 +683,13 @@ def test_sentencepiece_prepend_scheme_from_config(sp_dir, tmp_path, config):
     d = _copy(sp_dir, tmp_path / "sp", **config)
     ours, ref = Tokenizer.from_pretrained(d), _hf_llama(d, add_bos_token=True, **config)
     assert _mismatches(ours, ref, [*SP_TEXTS, "hello</s>world", "a<s> b</s>c"]) == []
+
+
+def test_split_special_tokens(smol_dir, sp_dir, tmp_path):
+    """split_special_tokens=true: special tokens written in the text are encoded as plain text."""
+    d = _copy(smol_dir, tmp_path / "split", split_special_tokens=True)
+    ours, ref = Tokenizer.from_pretrained(d), transformers.AutoTokenizer.from_pretrained(d)
+    for text in ["a<|im_end|>", "<|im_start|>user\nhi"]:
+        assert ours.encode(text) == ref.encode(text) and len(ours.encode(text, add_special_tokens=False)) > 3
+    sp = Tokenizer.from_pretrained(_copy(sp_dir, tmp_path / "sp", split_special_tokens=True))
+    assert sp.token_to_id("</s>") not in sp.encode("a</s>", add_special_tokens=False)
