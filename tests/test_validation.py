@@ -188,3 +188,25 @@ def test_a_cache_left_by_an_interrupted_forward_must_be_reset():
             m(ids, cache=cache)
         cache.reset()
         assert (m(ids, cache=cache) - m(ids)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("override, model_type", [
+    ("attention={type: mla, n_heads: 4, q_lora_rank: 32, kv_lora_rank: 16, qk_nope_head_dim: 8, "
+     "qk_rope_head_dim: 8, v_head_dim: 8}", "qwen3"),
+    ("position.type=none", "gemma3_text"),
+])
+def test_save_pretrained_refuses_what_the_family_cannot_express(tmp_path, override, model_type):
+    m = llmparts.build_model("tiny/qwen3", overrides=[override])
+    with pytest.raises(ConfigError, match=f"cannot be written as model_type '{model_type}'"):
+        save_pretrained(m, tmp_path / "out", model_type=model_type)
+    assert not (tmp_path / "out").exists()
+
+
+def test_smollm3_export_of_a_small_vocabulary_loads_in_transformers(tmp_path):
+    import transformers
+
+    m = llmparts.build_model("tiny/qwen3", overrides=["layers[1].position.type=none", "attention.qk_norm=none"])
+    save_pretrained(m, tmp_path, model_type="smollm3")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (ref(IDS).logits - m(IDS)).abs().max().item() <= 1e-4

@@ -71,7 +71,11 @@ def save_pretrained(model: CausalLM, out_dir: str | Path, model_type: str | None
     if out.exists() and not out.is_dir():
         raise ConfigError(f"save_pretrained: {out} exists and is not a directory")
     names = hf_state_names(model, model_type)
-    cfg = family.config_to_hf(model.config)
+    try:
+        cfg = family.config_to_hf(model.config)
+    except (AttributeError, TypeError) as e:  # a component this family's config.json has no field for
+        raise ConfigError(f"save_pretrained: this model cannot be written as model_type {model_type!r}: its "
+                          f"config uses components that family does not have ({e})") from None
     cfg.update(extra_config or {})
     _check_expressible(model.config, cfg, model_type)
     cfg["dtype"] = str(dtype).removeprefix("torch.")

@@ -88,6 +88,11 @@ def smollm3_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         sliding_window=windows[0] if windows else None,
         layer_types=["full_attention" if layer.attention.window is None else "sliding_attention" for layer in layers],
     )
+    # SmolLM3Config's default token ids (pad 128004, bos 128000, eos 128001) do not fit a smaller
+    # vocabulary (transformers then fails building the embedding): say there are none
+    for key, default in (("pad_token_id", 128004), ("bos_token_id", 128000), ("eos_token_id", 128001)):
+        if default >= cfg.vocab_size:
+            out.setdefault(key, None)
     return out
 
 
