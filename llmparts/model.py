@@ -157,8 +157,22 @@ def _step_inputs(kv: Any, plan: StepPlan, start: int, seen_of: dict[Any, torch.T
 # Outside torch.compile a no-op; inside, every layer's block step is one nested region, compiled once
 # per distinct block structure and called for each layer (a torch without nested_compile_region
 # keeps one call per block: tracing every layer into one graph takes close to a minute to compile).
-_block_region = (torch.compiler.nested_compile_region(_block_step)
-                 if hasattr(torch.compiler, "nested_compile_region") else None)
+_HAS_REGIONS = hasattr(torch.compiler, "nested_compile_region")
+_block_regions: dict[type, Any] = {}
+
+
+def _block_region(position: nn.Module) -> Any:
+    """The nested compile region for blocks whose position module is of this kind. NoPE and RoPE
+    blocks get regions of their own: one region whose variants differ in whether RoPE tables exist
+    (SmolLM3's NoPE layers among RoPE ones) failed to compile in torch 2.13 (inductor's code for the
+    second variant referenced an undefined size symbol), and the model then decoded eagerly."""
+    kind = type(position)
+    if kind not in _block_regions:
+        def region_step(*args: Any) -> torch.Tensor:
+            return _block_step(*args)
+
+        _block_regions[kind] = torch.compiler.nested_compile_region(region_step)
+    return _block_regions[kind]
 
 
 def _model_step(model: "CausalLM", x: torch.Tensor, tables: dict[str, Tables],
@@ -167,7 +181,8 @@ def _model_step(model: "CausalLM", x: torch.Tensor, tables: dict[str, Tables],
     one guard check per token instead of one per layer (the blocks are :data:`_block_region`)."""
     for i, block in enumerate(model.layers):
         key = model._position_key[i]
-        x = _block_region(block, x, model.positions[key], tables[key], *layer_inputs[i])
+        position = model.positions[key]
+        x = _block_region(position)(block, x, position, tables[key], *layer_inputs[i])
     return _head(model, x)
 
 
@@ -333,7 +348,7 @@ class CausalLM(nn.Module):
         prefill: dict[str, Any] = {name: compiled(fn, True) for name, fn in _DECODE_PARTS.items()}
         decode["block_step"] = compiled(_block_step, None)  # dynamic where marked: the cache length
         decode["single_step"], prefill["single_step"] = True, False
-        if _block_region is not None and all(_steps_whole(b) for b in self.layers):
+        if _HAS_REGIONS and all(_steps_whole(b) for b in self.layers):
             decode["model_step"] = compiled(_model_step, False)  # every block + head: one call
         if any(getattr(b.mlp, "compilable", True) is not True for b in self.layers):
             prefill = None  # MoE: prefill dispatch is data-dependent; compiled pieces around it measured slower

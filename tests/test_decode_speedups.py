@@ -283,3 +283,22 @@ def test_compiled_decode_with_expert_biases_equals_eager():
         step = model(ids[:, -1:], cache=cache)
     assert (step - eager_step).abs().max().item() <= 1e-4
     assert calls == [9 + 1] * (compiled and hasattr(torch.compiler, "nested_compile_region"))  # one call a step
+
+
+def test_compiled_decode_with_nope_and_rope_layers_equals_eager():
+    """SmolLM3's shape: NoPE layers among RoPE ones (their blocks are separate compile regions; one
+    shared region failed to compile, and the model decoded eagerly)."""
+    model = llmparts.build_model("tiny/qwen3", overrides=["layers[1].position.type=none"], seed=12).eval()
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    expected = _greedy(model, ids, 10)
+    with torch.no_grad():
+        expected_padded = llmparts.generate(model, None, ids, attention_mask=mask, max_new_tokens=10)
+    compiled = model.compile_decode()
+    assert compiled or not _compiler_works()
+    calls = _count_model_steps(model)
+    assert torch.equal(_greedy(model, ids, 10), expected)
+    assert calls == [9] * (compiled and hasattr(torch.compiler, "nested_compile_region"))  # one call a step
+    with torch.no_grad():
+        assert torch.equal(llmparts.generate(model, None, ids, attention_mask=mask, max_new_tokens=10), expected_padded)
