@@ -165,11 +165,10 @@ def _inspect_all(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    import torch
-
     from .loading.export import convert_gguf
+    from .model import resolve_dtype
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype or "float32"]
+    dtype = resolve_dtype(args.dtype or "float32")
     t = time.time()
     out = convert_gguf(args.gguf, args.out, dtype)
     print(f"wrote {out} in {time.time() - t:.1f}s (transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}))")

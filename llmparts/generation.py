@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .errors import ContextLengthError, InputError
-from .model import check_seed
+from .model import attention_mask_values, check_seed, check_token_ids
 
 DEFAULT_MAX_NEW_TOKENS = 256
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds activations (attention scores, MLP)
@@ -427,21 +427,14 @@ def generate(model: Any, tokenizer: Any = None,
     if isinstance(prompt, torch.Tensor):
         kind = "tensor"
         one_d = prompt.dim() == 1
-        if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
-            raise InputError(f"prompt tensor must hold integer token ids, got dtype {prompt.dtype}")
+        check_token_ids(prompt, "prompt tensor")
         input_ids = (prompt[None] if one_d else prompt).to(dev, torch.long)
         if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
             raise InputError(f"prompt tensor must be a non-empty (B, T), got shape {tuple(prompt.shape)}")
         if attention_mask is None:
             mask = torch.ones_like(input_ids)
         else:
-            if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-                raise InputError(f"attention_mask must hold integers or bools (1 = token, 0 = padding), "
-                                 f"got dtype {attention_mask.dtype}")
-            mask = (attention_mask[None] if attention_mask.dim() == 1 else attention_mask).to(dev).long()
-            if bool(((mask != 0) & (mask != 1)).any()):
-                raise InputError("attention_mask values must be 0 (padding) or 1 (token), got "
-                                 f"{mask[(mask != 0) & (mask != 1)][0].item()}")
+            mask = attention_mask_values(attention_mask[None] if attention_mask.dim() == 1 else attention_mask).to(dev)
             if mask.shape != input_ids.shape:
                 raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != prompt {tuple(prompt.shape)}")
             if not bool(mask[:, -1].all()):

@@ -393,13 +393,7 @@ class CausalLM(nn.Module):
                 raise InputError("pass either pos or attention_mask, not both")
             if attention_mask.shape != input_ids.shape:
                 raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
-            if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-                raise InputError(f"attention_mask must hold integers or bools (1 = token, 0 = padding), "
-                                 f"got dtype {attention_mask.dtype}")
-            m = attention_mask.to(dev).long()
-            if bool(((m != 0) & (m != 1)).any()):
-                bad = m[(m != 0) & (m != 1)][0].item()
-                raise InputError(f"attention_mask values must be 0 (padding) or 1 (token), got {bad}")
+            m = attention_mask_values(attention_mask).to(dev)
             q = m.cumsum(-1) - 1
             if cache is not None and cache.length:
                 raise InputError("attention_mask with a non-empty cache: pass explicit pos instead")
@@ -425,16 +419,14 @@ class CausalLM(nn.Module):
                 last_only: bool = False) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise InputError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        check_token_ids(input_ids, "input_ids")
         B, T = input_ids.shape
         if B == 0:
             raise InputError("input_ids has no sequences (batch size 0)")
         if labels is not None:  # (before the cache records anything)
             if tuple(labels.shape) != (B, T):
                 raise InputError(f"labels shape {tuple(labels.shape)} != input_ids {(B, T)}")
-            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-                raise InputError(f"labels must hold integer token ids (or -100 to ignore), got dtype {labels.dtype}")
+            check_token_ids(labels, "labels (or -100 to ignore)")
             bad = labels[(labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))]
             if bad.numel():
                 raise InputError(f"label {bad[0].item()} is outside the vocabulary [0, {self.config.vocab_size}) "
@@ -573,6 +565,23 @@ def resolve_device(device: torch.device | str | None) -> torch.device | None:
                           "CUDA device(s) (torch.cuda.is_available() is "
                           f"{torch.cuda.is_available()}); use 'cpu' or another device")
     return dev
+
+
+def check_token_ids(t: torch.Tensor, what: str) -> None:
+    """An InputError unless ``t`` holds integer token ids (not floats, complex numbers or bools)."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise InputError(f"{what} must hold integer token ids, got dtype {t.dtype}")
+
+
+def attention_mask_values(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` as int64 after checking it holds only 0 (padding) and 1 (token), as ints or bools."""
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise InputError(f"attention_mask must hold integers or bools (1 = token, 0 = padding), got dtype {mask.dtype}")
+    m = mask.long()
+    bad = m[(m != 0) & (m != 1)]
+    if bad.numel():
+        raise InputError(f"attention_mask values must be 0 (padding) or 1 (token), got {bad[0].item()}")
+    return m
 
 
 def check_seed(seed: Any) -> None:

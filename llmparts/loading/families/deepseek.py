@@ -24,7 +24,7 @@ from typing import Any
 from ...errors import ConfigError, UnsupportedModelError
 from ..weight_map import Ignore, Rename, Rule
 from . import Family, HFConfig, register_family
-from .common import llama_rules, moe_dense_overrides, one_of, rope_from_hf, sizes_from_hf
+from .common import get_present, llama_rules, moe_dense_overrides, one_of, rope_from_hf, sizes_from_hf
 from .qwen3_moe import moe_rules
 
 
@@ -44,11 +44,7 @@ def _deepseek(hf: HFConfig, version: int) -> dict[str, Any]:
     defaults = _DEFAULTS[version]
 
     def field(key: str) -> Any:  # transformers' default only where the key is absent (null stays null)
-        if key in hf.data:
-            return hf.get(key)
-        if defaults.get(key) is None:
-            return hf.require(key)
-        return defaults[key]
+        return hf.require(key) if defaults.get(key) is None else get_present(hf, key, defaults[key])
 
     n_heads = hf.require("num_attention_heads")
     n_kv = hf.get("num_key_value_heads", n_heads)

@@ -11,7 +11,7 @@ from typing import Any
 
 from ...config import ModelConfig
 from . import Family, HFConfig, register_family
-from .common import layer_types_from_hf, llama_rules, sliding_overrides
+from .common import get_present, layer_types_from_hf, llama_rules, sliding_overrides
 from .llama import llama_core, llama_to_hf
 
 
@@ -22,7 +22,7 @@ def qwen3_from_hf(hf: HFConfig) -> dict[str, Any]:
     hf.expect("mlp_bias", (False,), "Qwen3 MLPs have no bias")
     n = cfg["n_layers"]
     # transformers: sliding_window is forced to None unless use_sliding_window is true
-    sliding_window = hf.get("sliding_window") if "sliding_window" in hf.data else 4096  # (null: no window)
+    sliding_window = get_present(hf, "sliding_window", 4096)  # (null: no window)
     window = sliding_window if hf.flag("use_sliding_window", False) else None
     max_window_layers = hf.get("max_window_layers", 28)
     default = ["sliding_attention" if window and i >= max_window_layers else "full_attention" for i in range(n)]

@@ -15,7 +15,7 @@ from typing import Any
 from ...errors import ConfigError
 from ..weight_map import Rename, Rule
 from . import Family, HFConfig, register_family
-from .common import check_window, llama_rules, moe_dense_overrides, one_of
+from .common import check_window, get_present, llama_rules, moe_dense_overrides, one_of
 from .llama import llama_core
 
 
@@ -25,7 +25,7 @@ def qwen3_moe_from_hf(hf: HFConfig) -> dict[str, Any]:
     hf.expect("mlp_bias", (False,), "Qwen3-MoE MLPs have no bias")
     n = cfg["n_layers"]
     # read either way (released files carry it, null, unused); 4096 is the config class default, null means none
-    sliding_window = hf.get("sliding_window") if "sliding_window" in hf.data else 4096
+    sliding_window = get_present(hf, "sliding_window", 4096)
     window = sliding_window if hf.flag("use_sliding_window", False) else None
     hf.get("max_window_layers")  # read by Qwen2; transformers' Qwen3-MoE ignores it (window on all layers)
     if window is not None:
