@@ -34,7 +34,7 @@ class Embedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = F.embedding(ids, self.weight)
         if self.scale is not None:
-            x = x * torch.tensor(self.scale, dtype=self.weight.dtype)
+            x = x * torch.tensor(self.scale, dtype=self.weight.dtype, device=x.device)
         return x
 
 

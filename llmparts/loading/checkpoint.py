@@ -81,7 +81,7 @@ class SafetensorsCheckpoint:
     def tensors(self, keys: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(key, tensor)`` in file order, each read into a fresh CPU tensor."""
         for key in self.ordered(keys):
-            out = torch.empty(self.shapes[key], dtype=DTYPES[self.dtypes[key]])
+            out = torch.empty(self.shapes[key], dtype=DTYPES[self.dtypes[key]], device="cpu")
             self.read_into(key, out)
             yield key, out
 
@@ -95,7 +95,7 @@ class SafetensorsCheckpoint:
         f, start, length = self._where[key]
         src_dtype = DTYPES[self.dtypes[key]]
         direct = self.in_place(key, out)
-        buf = out if direct else torch.empty(self.shapes[key], dtype=src_dtype)
+        buf = out if direct else torch.empty(self.shapes[key], dtype=src_dtype, device="cpu")
         with open(f, "rb") as fh:
             fh.seek(start)
             view = memoryview(buf.view(torch.uint8).numpy()).cast("B") if buf.numel() else memoryview(b"")
@@ -151,7 +151,7 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
         numel = 1
         for d in shape:
             numel *= d
-        itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+        itemsize = DTYPES[dtype].itemsize
         if end - begin != numel * itemsize or begin < 0:
             raise CheckpointError(f"{path}: tensor {key!r} has inconsistent offsets for shape {shape} {dtype}")
         if base + end > size:

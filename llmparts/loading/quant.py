@@ -401,9 +401,9 @@ class QuantizedCheckpoint:
             chosen = [k for k in chosen if k in self._packed]
         for key in chosen:
             if key in self._packed:
-                out = torch.empty(self.shapes[key], dtype=self.dtype)
+                out = torch.empty(self.shapes[key], dtype=self.dtype, device="cpu")
             else:
-                out = torch.empty(self.shapes[key], dtype=stored_dtype(self.inner, key) or self.dtype)
+                out = torch.empty(self.shapes[key], dtype=stored_dtype(self.inner, key) or self.dtype, device="cpu")
             self.read_into(key, out)
             yield key, out
 
@@ -431,7 +431,7 @@ class QuantizedCheckpoint:
         """One stored tensor, as stored, on CPU."""
         d = stored_dtype(self.inner, key)
         if d is not None and hasattr(self.inner, "read_into"):
-            t = torch.empty(self.inner.shapes[key], dtype=d)
+            t = torch.empty(self.inner.shapes[key], dtype=d, device="cpu")
             self.inner.read_into(key, t)
             return t
         for _, t in self.inner.tensors({key}):
