@@ -134,55 +134,58 @@ def _block_step(block: "Block", x: torch.Tensor, position: nn.Module, tables: Ta
     return _attn_out_mlp(block, x, attn)
 
 
-def _step_inputs(kv: Any, plan: StepPlan, start: int, seen_of: dict[Any, torch.Tensor]) -> tuple[Any, ...]:
-    """The cache inputs of :func:`_block_step` for one layer: its buffers, the slot to write and
-    ``seen``, a (B, n) view whose length n is how many slots the token attends over. For a full
-    buffer n grows every step: the buffers' slot dimension is marked dynamic and n *unbacked* (no
-    specialisation and no range guard), so one graph serves every cache length and capacity. A
-    ring is attended whole (n = its size, a constant of the model). ``seen_of`` shares one view
-    per window kind between the layers of a step (one symbolic length, not one per layer)."""
+def _step_inputs(kv: Any, plan: StepPlan, start: int, seen_of: dict[Any, tuple[Any, Any]]) -> tuple[Any, ...]:
+    """The cache inputs of :func:`_block_step` for one layer: its buffers, the slot to write,
+    ``seen``, a (B, n) view whose length n is how many slots the token attends over, and the mask
+    (None, or (B, 1, 1, n)). For a full buffer n grows every step: the buffers' slot dimension is
+    marked dynamic and n *unbacked* (no specialisation and no range guard), so one graph serves
+    every cache length and capacity. A ring is attended whole (n = its size, a constant of the
+    model). ``seen_of`` shares one ``seen`` and mask view per window kind between the layers of a
+    step that run the same block region (one symbolic length, not one per layer). Regions do not
+    share them: with one length for NoPE and RoPE layers, inductor (torch 2.13) placed a check of
+    that length against another region's cache size inside the NoPE region's code, where that size
+    is undefined (``NameError: name 's80' is not defined``), and the whole-step compile failed."""
     k_buf, v_buf, write, n = kv.step_buffers(plan, start)
     if plan.window is None:
         for t in (k_buf, v_buf):
             torch._dynamo.maybe_mark_dynamic(t, 2)
     if plan.window not in seen_of:
-        seen_of[plan.window] = plan.k_pos[:, :n]
+        seen, mask = plan.k_pos[:, :n], None if plan.mask is None else plan.mask[..., :n]
         if plan.window is None:
-            torch._dynamo.decorators.mark_unbacked(seen_of[plan.window], 1)
-            if plan.mask is not None:
-                torch._dynamo.decorators.mark_unbacked(plan.mask, 3)
-    return k_buf, v_buf, write, seen_of[plan.window], plan.mask
+            torch._dynamo.decorators.mark_unbacked(seen, 1)
+            if mask is not None:
+                torch._dynamo.decorators.mark_unbacked(mask, 3)
+        seen_of[plan.window] = seen, mask
+    return (k_buf, v_buf, write, *seen_of[plan.window])
 
 
 # Outside torch.compile a no-op; inside, every layer's block step is one nested region, compiled once
 # per distinct block structure and called for each layer (a torch without nested_compile_region
 # keeps one call per block: tracing every layer into one graph takes close to a minute to compile).
 _HAS_REGIONS = hasattr(torch.compiler, "nested_compile_region")
-_block_regions: dict[type, Any] = {}
+_block_regions: dict[Any, Any] = {}
 
 
-def _block_region(position: nn.Module) -> Any:
-    """The nested compile region for blocks whose position module is of this kind. NoPE and RoPE
-    blocks get regions of their own: one region whose variants differ in whether RoPE tables exist
-    (SmolLM3's NoPE layers among RoPE ones) failed to compile in torch 2.13 (inductor's code for the
-    second variant referenced an undefined size symbol), and the model then decoded eagerly."""
-    kind = type(position)
-    if kind not in _block_regions:
-        def region_step(*args: Any) -> torch.Tensor:
-            return _block_step(*args)
-
-        _block_regions[kind] = torch.compiler.nested_compile_region(region_step)
-    return _block_regions[kind]
+def _block_region(spec: Any) -> Any:
+    """The nested compile region for blocks of this :class:`~llmparts.config.LayerSpec`: blocks of
+    one structure share a region; blocks of different ones (NoPE and RoPE layers, as in SmolLM3;
+    GQA and MLA layers; dense and MoE MLPs) get regions of their own, and cache lengths of their own
+    (:func:`_step_inputs`). Regions are made before tracing (:meth:`CausalLM.compile_decode`): dynamo
+    cannot trace ``nested_compile_region`` itself, and a region made inside the traced step made
+    dynamo skip the whole step, which then ran eagerly, one compiled call and guard check per block."""
+    if spec not in _block_regions:  # dynamo tells regions apart by code objects that compare unequal
+        fn = _own_copy(_block_step, name=f"_block_step_{len(_block_regions)}")
+        _block_regions[spec] = torch.compiler.nested_compile_region(fn)
+    return _block_regions[spec]
 
 
 def _model_step(model: "CausalLM", x: torch.Tensor, tables: dict[str, Tables],
                 layer_inputs: list[tuple[Any, ...]]) -> torch.Tensor:
     """A whole one-token decode step, every block and the head, as one compiled graph: one call and
-    one guard check per token instead of one per layer (the blocks are :data:`_block_region`)."""
+    one guard check per token instead of one per layer (each block in its :func:`_block_region`)."""
     for i, block in enumerate(model.layers):
         key = model._position_key[i]
-        position = model.positions[key]
-        x = _block_region(position)(block, x, position, tables[key], *layer_inputs[i])
+        x = model._step_regions[i](block, x, model.positions[key], tables[key], *layer_inputs[i])
     return _head(model, x)
 
 
@@ -193,12 +196,14 @@ def _steps_whole(block: "Block") -> bool:
     return hasattr(block.attn, "project") and getattr(block.mlp, "compilable", True) in (True, "decode")
 
 
-def _own_copy(fn: Any) -> Any:
+def _own_copy(fn: Any, name: str | None = None) -> Any:
     """``fn`` with a code object of its own. Dynamo keeps compiled graphs, and its limit of 8 variants
     (``recompile_limit``) after which it silently runs a function eagerly, per code object: without a
     copy per :meth:`CausalLM.compile_decode` call, every model in a process would share one cache, and
-    after a few models of other shapes their decode steps would no longer be compiled."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    after a few models of other shapes their decode steps would no longer be compiled. The copy
+    compares equal to the original unless ``name`` renames it."""
+    code = fn.__code__.replace() if name is None else fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name or fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _head(model: "CausalLM", x: torch.Tensor) -> torch.Tensor:
@@ -245,6 +250,7 @@ class CausalLM(nn.Module):
         self._prefill_parts: dict[str, Any] | None = None
         # Modules told before and after each use of the compiled parts (``compiled_step(active)``).
         self._step_modules: list[nn.Module] = []
+        self._step_regions: list[Any] = []  # compile_decode: each layer's block region
 
     # ------------------------------------------------------------------------------ parameters
     def tie_weights(self) -> None:
@@ -341,15 +347,19 @@ class CausalLM(nn.Module):
         """
         self._decode_parts = self._prefill_parts = None
         self._step_modules = [m for m in self.modules() if hasattr(m, "compiled_step")]
-        def compiled(fn: Any, dynamic: bool | None) -> Any:
-            return torch.compile(_own_copy(fn), dynamic=dynamic, options=_COMPILE_OPTIONS)
+        def compiled(fn: Any, dynamic: bool | None, fullgraph: bool = False) -> Any:
+            return torch.compile(_own_copy(fn), dynamic=dynamic, fullgraph=fullgraph, options=_COMPILE_OPTIONS)
 
         decode: dict[str, Any] = {name: compiled(fn, False) for name, fn in _DECODE_PARTS.items()}
         prefill: dict[str, Any] = {name: compiled(fn, True) for name, fn in _DECODE_PARTS.items()}
         decode["block_step"] = compiled(_block_step, None)  # dynamic where marked: the cache length
         decode["single_step"], prefill["single_step"] = True, False
         if _HAS_REGIONS and all(_steps_whole(b) for b in self.layers):
-            decode["model_step"] = compiled(_model_step, False)  # every block + head: one call
+            self._step_regions = [_block_region(spec) for spec in self.config.layers]
+            # Every block + head: one call. fullgraph: a graph break in the step is an error, and
+            # _blocks falls back to a compiled call per block with a warning; without it dynamo ran
+            # the step's loop eagerly, a compiled call and a guard check per block, silently.
+            decode["model_step"] = compiled(_model_step, False, fullgraph=True)
         if any(getattr(b.mlp, "compilable", True) is not True for b in self.layers):
             prefill = None  # MoE: prefill dispatch is data-dependent; compiled pieces around it measured slower
 
@@ -486,8 +496,9 @@ class CausalLM(nn.Module):
         if parts is not None and "model_step" in parts and cache is not None and x.shape[1] == 1:
             from torch._dynamo.exc import TorchDynamoException
 
-            seen_of: dict[Any, torch.Tensor] = {}
-            inputs = [_step_inputs(kv, plans[b.attn.spec.window], start, seen_of) for b, kv in zip(self.layers, cache.layers)]
+            seen_of: dict[Any, dict[Any, tuple[Any, Any]]] = {}  # per block region
+            inputs = [_step_inputs(kv, plans[b.attn.spec.window], start, seen_of.setdefault(spec, {}))
+                      for spec, b, kv in zip(self.config.layers, self.layers, cache.layers)]
             try:
                 logits = parts["model_step"](self, x, tables, inputs)
             except TorchDynamoException as e:  # compiling a new variant (batch size, padding) failed

@@ -108,6 +108,19 @@ def test_compiled_decode_equals_eager_decode(overrides):
     # A decode step is one compiled call for the whole model (torch with nested regions), MLA blocks included.
     whole = compiled and hasattr(torch.compiler, "nested_compile_region")
     assert calls == [1] * whole
+    if whole:
+        with torch.no_grad():
+            assert _compiled_frames(model, lambda: model(ids[:, -1:], cache=cache)) == 1
+
+
+def _compiled_frames(model, step) -> int:
+    """How many compiled frames (dynamo entries) one call of ``step()`` runs: 1 when a decode step is
+    one compiled graph; one per block when dynamo skipped the step and ran its loop eagerly."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        step()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("Torch-Compiled Region"))
 
 
 def _count_model_steps(model) -> list[int]:
@@ -300,5 +313,10 @@ def test_compiled_decode_with_nope_and_rope_layers_equals_eager():
     calls = _count_model_steps(model)
     assert torch.equal(_greedy(model, ids, 10), expected)
     assert calls == [9] * (compiled and hasattr(torch.compiler, "nested_compile_region"))  # one call a step
+    if calls:  # ... and one compiled graph
+        with torch.no_grad():
+            cache = model.make_cache(2, 9)
+            model(ids, cache=cache)
+            assert _compiled_frames(model, lambda: model(ids[:, -1:], cache=cache)) == 1
     with torch.no_grad():
         assert torch.equal(llmparts.generate(model, None, ids, attention_mask=mask, max_new_tokens=10), expected_padded)

@@ -44,6 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:
+    from torch.fx.experimental.symbolic_shapes import guard_or_true
+except ImportError:  # torch < 2.8
+    guard_or_true = bool
+
 from ..kv_cache import LayerKV, StepPlan
 from ..registry import register_module
 from .attention import decode_attention
@@ -136,7 +141,8 @@ class MLA(nn.Module):
         the step attends over cached keys (S > T) with at most :data:`ABSORB_MAX_T` queries."""
         B, H, T, _ = q.shape
         S = latent.shape[2]
-        absorb = self.absorb if self.absorb is not None else (S > T and T <= ABSORB_MAX_T)
+        # (S > T: a compiled decode step's S is its symbolic cache length, never guarded on: true)
+        absorb = self.absorb if self.absorb is not None else (T <= ABSORB_MAX_T and guard_or_true(S > T))
         out = (self._absorbed if absorb else self._naive)(q, latent, mask, is_causal)
         return out.transpose(1, 2).reshape(B, T, H * self.v_dim)
 
