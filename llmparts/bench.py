@@ -13,7 +13,10 @@ process:
   first generated token to the last);
 * the machine's read bandwidth (best of several large reductions), sampled before, every 32 tokens
   during and after the decode, and the decode bound it implies: every weight a token uses read once
-  per token, plus the KV cache at that context.
+  per token, plus the KV cache at that context; with it, at the same moments, the rate at which the
+  process reads its own weights, and the bound that rate implies (memory is not equally fast
+  everywhere on every machine);
+* on CUDA, the peak GPU memory the load allocated, against the weight bytes.
 
 It prints medians with min-max and the ratios llmparts/transformers and llmparts/bound, and writes
 all raw runs and the summary as JSON. ``--contexts`` adds a sweep of decode speed against context
@@ -87,6 +90,35 @@ def measure_bandwidth(threads: int, mib: int = 1024, passes: int = 6, repeats: i
             _sync(device)
             best = max(best, passes * buf.nbytes / (time.perf_counter() - t))
     del buf
+    return best
+
+
+def weight_storages(model: Any) -> list[torch.Tensor]:
+    """Every distinct storage behind the model's parameters, as a flat byte tensor (tied and joint
+    weights, or views into one mapped file, counted once)."""
+    seen: dict[int, torch.Tensor] = {}
+    for p in model.parameters():
+        st = p.untyped_storage()
+        if st.data_ptr() not in seen and st.nbytes():
+            seen[st.data_ptr()] = torch.empty(0, dtype=torch.uint8, device=p.device).set_(st)
+    return list(seen.values())
+
+
+def measure_weight_read(storages: list[torch.Tensor], repeats: int = 2, device: str = "cpu") -> float:
+    """Read rate in bytes/s of the model's own weights: the best of ``repeats`` passes that reduce
+    every weight storage once (a float32 view of its bytes where the size allows). The machine's
+    read bandwidth (:func:`measure_bandwidth`) is measured on a fresh buffer; on a virtual machine
+    whose memory is not uniformly fast (pages backed differently by the host) the weights can read
+    slower or faster than that buffer, and decode cannot beat reading them."""
+    views = [b.view(torch.float32) if b.numel() % 4 == 0 else b for b in storages]
+    total = sum(b.numel() for b in storages)
+    best = 0.0
+    for _ in range(repeats + 1):  # (the first pass warms up)
+        t = time.perf_counter()
+        for v in views:
+            torch.amax(v) if v.dtype == torch.uint8 else torch.sum(v)
+        _sync(device)
+        best = max(best, total / (time.perf_counter() - t))
     return best
 
 
@@ -173,15 +205,19 @@ class _BandwidthProbe:
     samples taken before, during and after its decode. ``tick()`` returns the token's timestamp
     with the time spent probing removed, so the probes do not slow the measured rate."""
 
-    def __init__(self, threads: int, device: str, every: int) -> None:
+    def __init__(self, threads: int, device: str, every: int, storages: list[torch.Tensor] | None = None) -> None:
         self.threads, self.device, self.every = threads, device, every
+        self.storages = storages or []
         self.samples: list[float] = []
+        self.weight_samples: list[float] = []  # the weights' own read rate (measure_weight_read)
         self.paused = 0.0
         self.count = 0
 
     def sample(self) -> None:
         t0 = time.perf_counter()
         self.samples.append(measure_bandwidth(self.threads, mib=512, passes=4, repeats=2, device=self.device))
+        if self.storages:
+            self.weight_samples.append(measure_weight_read(self.storages, device=self.device))
         self.paused += time.perf_counter() - t0
 
     def tick(self) -> float:
@@ -204,6 +240,9 @@ def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: li
         import transformers
 
         transformers.logging.set_verbosity_error()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     rss0 = current_rss()
     t0 = time.perf_counter()
     if framework == "llmparts":
@@ -219,6 +258,7 @@ def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: li
     _sync(device)
     load_s = time.perf_counter() - t0
     load_peak = peak_rss() - rss0
+    load_peak_device = torch.cuda.max_memory_allocated(device) if cuda else None
     compile_s = None
     if compile and framework == "llmparts":
         t0 = time.perf_counter()
@@ -257,7 +297,8 @@ def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: li
 
     timed_generate(ids(8), 4)  # warm-up (allocator, kernels, compilation)
     out: dict[str, Any] = {"framework": framework, "dtype": dtype, "threads": threads, "load_s": load_s,
-                           "compile_s": compile_s, "load_peak_rss": load_peak, "weight_bytes": weight_bytes, "prefill_s": {},
+                           "compile_s": compile_s, "load_peak_rss": load_peak, "load_peak_device_memory": load_peak_device,
+                           "weight_bytes": weight_bytes, "prefill_s": {},
                            "decode_tok_s": None, "context_tok_s": {}}
     for n in prefill:  # steady state: one untimed prompt of this length (a fresh process's first large
         timed_generate(ids(n), 1)  # prompts are slower), then the best of at least three prompts and at
@@ -266,13 +307,15 @@ def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: li
             t = timed_generate(ids(n), 1)
             times.append(t[1] - t[0])
         out["prefill_s"][str(n)] = min(times)
-    probe = _BandwidthProbe(threads, device, every=32)
+    probe = _BandwidthProbe(threads, device, every=32, storages=weight_storages(model))
     probe.sample()  # (shifts every tick timestamp by the same amount: rates are unaffected)
     times = timed_generate(ids(128), new_tokens, probe)
     out["decode_tok_s"] = _rate(times[1:])
     probe.sample()
     out["bandwidth_samples"] = probe.samples  # before, every 32 tokens, after
     out["bandwidth"] = statistics.mean(probe.samples)
+    out["weight_read_samples"] = probe.weight_samples
+    out["weight_read"] = statistics.mean(probe.weight_samples)
     for c in contexts:
         times = timed_generate(ids(c), 16)
         out["context_tok_s"][str(c)] = _rate(times[1:])
@@ -301,8 +344,8 @@ def _stats(values: list[float]) -> dict[str, float]:
 def summarize(runs: list[dict[str, Any]], kv_bytes_per_token: int, active_bytes: int) -> dict[str, Any]:
     """Medians and ranges per library. The decode bound of a run is the bandwidth measured in that run
     over the bytes one token reads (active weights, plus the KV cache at the context)."""
-    def bound(r: dict[str, Any], context: int) -> float:
-        return r["bandwidth"] / (active_bytes + kv_bytes_per_token * context)
+    def bound(rate: float, context: int) -> float:
+        return rate / (active_bytes + kv_bytes_per_token * context)
 
     by_fw: dict[str, dict[str, list[float]]] = {}
     for r in runs:
@@ -311,14 +354,19 @@ def summarize(runs: list[dict[str, Any]], kv_bytes_per_token: int, active_bytes:
         if r.get("compile_s") is not None:
             d.setdefault("compile_decode_s", []).append(r["compile_s"])
         d.setdefault("load_peak_rss/weights", []).append(r["load_peak_rss"] / r["weight_bytes"])
+        if r.get("load_peak_device_memory") is not None:  # CUDA: the allocator's peak during the load
+            d.setdefault("load_peak_gpu_mem/weights", []).append(r["load_peak_device_memory"] / r["weight_bytes"])
         for n, s in r["prefill_s"].items():
             d.setdefault(f"prefill_{n}_s", []).append(s)
         d.setdefault("decode_tok_s", []).append(r["decode_tok_s"])
-        d.setdefault("decode/bound", []).append(r["decode_tok_s"] / bound(r, 128 + 64))
+        d.setdefault("decode/bound", []).append(r["decode_tok_s"] / bound(r["bandwidth"], 128 + 64))
         d.setdefault("bandwidth_GB_s", []).append(r["bandwidth"] / 1e9)
+        if r.get("weight_read"):  # the same bound from the rate at which this process reads its own weights
+            d.setdefault("decode/weight_read_bound", []).append(r["decode_tok_s"] / bound(r["weight_read"], 128 + 64))
+            d.setdefault("weight_read_GB_s", []).append(r["weight_read"] / 1e9)
         for c, v in r["context_tok_s"].items():
             d.setdefault(f"decode_at_{c}_tok_s", []).append(v)
-            d.setdefault(f"decode_at_{c}/bound", []).append(v / bound(r, int(c) + 8))
+            d.setdefault(f"decode_at_{c}/bound", []).append(v / bound(r["bandwidth"], int(c) + 8))
     summary: dict[str, Any] = {fw: {k: _stats(v) for k, v in d.items()} for fw, d in by_fw.items()}
     bw = statistics.median(r["bandwidth"] for r in runs)
     summary["bandwidth_GB_s"] = bw / 1e9
@@ -340,12 +388,13 @@ def print_table(name: str, dtype: str, summary: dict[str, Any]) -> None:
         o, r = ours.get(key), ref.get(key)
         cell = lambda s: f"{s['median']:.3g} [{s['min']:.3g}-{s['max']:.3g}]" if s else "-"  # noqa: E731
         ratio = ""
-        if o and r and not key.endswith(("/bound", "GB_s")):
+        if o and r and not key.endswith(("bound", "GB_s")):
             faster = key.endswith("tok_s")  # rates: llmparts / transformers; times and memory: inverse
             ratio = f"{(o['median'] / r['median']) if faster else (r['median'] / o['median']):.2f}x"
         print(f"{key:<24} {cell(o):>27} {cell(r):>30} {ratio:>7}")
     print("ratio: how many times better llmparts is (rate / rate, or transformers' time or memory / llmparts');\n"
-          "/bound: decode rate over the bandwidth bound of the same run (weights + KV cache read once per token)")
+          "/bound: decode rate over the bandwidth bound of the same run (weights + KV cache read once per token);\n"
+          "/weight_read_bound: the same with the rate at which that process reads its own weights as the bandwidth")
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

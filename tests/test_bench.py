@@ -21,7 +21,36 @@ def test_bench_runs_both_libraries_and_writes_json(tmp_path, monkeypatch, capsys
         assert r["decode_tok_s"] > 0 and set(r["context_tok_s"]) == {"24"}
         assert len(r["bandwidth_samples"]) == 3  # before, after token 32, after the decode
         assert r["bandwidth"] > 0 and r["load_peak_rss"] > 0
+        assert len(r["weight_read_samples"]) == 3 and r["weight_read"] > 0
+        assert r["load_peak_device_memory"] is None  # (CUDA only)
     summary = res["summary"]
     assert summary["bound_tok_s"] > 0
-    assert {"decode_tok_s", "decode/bound", "prefill_16_s", "load_s"} <= set(summary["llmparts"])
+    assert {"decode_tok_s", "decode/bound", "decode/weight_read_bound", "weight_read_GB_s", "prefill_16_s",
+            "load_s"} <= set(summary["llmparts"]) & set(summary["transformers"])
+    assert "load_peak_gpu_mem/weights" not in summary["llmparts"]
     assert "decode_tok_s" in capsys.readouterr().out  # the printed table
+
+
+def test_weight_storages_count_shared_weights_once():
+    """Tied embeddings and views of one tensor (MoE gate/up) are one storage, read and counted once."""
+    import llmparts
+
+    model = llmparts.build_model("tiny/qwen3", overrides=["tie_embeddings=true", "mlp={type: moe, n_experts: 4, "
+                                                          "top_k: 2, hidden_dim: 32}"], seed=0)
+    storages = bench.weight_storages(model)
+    experts = model.layers[0].mlp.experts
+    assert experts.gate_proj.untyped_storage().data_ptr() == experts.up_proj.untyped_storage().data_ptr()
+    every = sum(p.nbytes for _, p in model.named_parameters(remove_duplicate=False))  # the head counted twice
+    assert sum(s.numel() for s in storages) == every - model.head.weight.nbytes
+    assert len(storages) < len(list(model.parameters()))  # gate and up: one storage per layer
+    assert bench.measure_weight_read(storages) > 0
+
+
+def test_summary_has_a_gpu_memory_row_for_cuda_runs():
+    run = {"framework": "llmparts", "load_s": 1.0, "load_peak_rss": 10, "load_peak_device_memory": 150,
+           "weight_bytes": 100, "prefill_s": {"8": 0.1}, "decode_tok_s": 10.0, "bandwidth": 1e9,
+           "weight_read": 5e8, "context_tok_s": {}}
+    summary = bench.summarize([run], kv_bytes_per_token=0, active_bytes=10**7)
+    assert summary["llmparts"]["load_peak_gpu_mem/weights"]["median"] == 1.5
+    assert summary["llmparts"]["decode/bound"]["median"] == 0.1  # 10 tok/s against 1e9 / 1e7 = 100
+    assert summary["llmparts"]["decode/weight_read_bound"]["median"] == 0.2
