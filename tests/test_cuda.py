@@ -69,3 +69,20 @@ def test_dequantize_onto_gpu():
     q, s = quantize_fp8_blocks(w[0], (16, 32))
     cpu = dequantize_fp8_blocks(q, s, (16, 32), torch.float32)
     assert torch.equal(dequantize_fp8_blocks(q, s, (16, 32), torch.float32, device="cuda").cpu(), cpu)
+
+
+def test_bench_runs_on_gpu(tmp_path, monkeypatch):
+    """`llmparts bench --device cuda` runs unchanged: both libraries, the bandwidth probes on the GPU, and
+    the load's peak GPU memory against the weight bytes."""
+    import json
+
+    from llmparts import bench
+
+    monkeypatch.setattr(bench, "CACHE", tmp_path / "cache")
+    out = tmp_path / "bench.json"
+    assert bench.main(["tiny/qwen3", "--dtype", "float32", "--repeats", "1", "--prefill", "8", "--new-tokens", "40",
+                       "--contexts", "24", "--device", "cuda", "--compile", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["float32"]
+    for r in res["runs"]:
+        assert r["load_peak_device_memory"] >= r["weight_bytes"] and r["weight_read"] > 0
+    assert "load_peak_gpu_mem/weights" in res["summary"]["llmparts"]
