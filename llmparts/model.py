@@ -341,7 +341,8 @@ class CausalLM(nn.Module):
         The parts are compiled for ``torch.no_grad()`` (as :func:`~llmparts.generate` runs);
         ``torch.inference_mode()`` tensors, a new batch size or a first padded batch each trigger one
         more compilation on first use (dynamo keeps up to 8 variants of each part, per model: every
-        call compiles its own copies; beyond that a part runs eagerly). Modules with a
+        call compiles its own copies; beyond that the whole-model step runs one compiled block at a
+        time, with a warning, and the other parts eagerly). Modules with a
         ``compiled_step(active)`` method (MoE experts, to hand their joint gate/up tensor to the
         step) are called with True before and False after every use of the compiled parts.
         """
@@ -354,6 +355,7 @@ class CausalLM(nn.Module):
         prefill: dict[str, Any] = {name: compiled(fn, True) for name, fn in _DECODE_PARTS.items()}
         decode["block_step"] = compiled(_block_step, None)  # dynamic where marked: the cache length
         decode["single_step"], prefill["single_step"] = True, False
+        decode["over_limit"] = set()  # step variants past dynamo's recompile limit (_blocks)
         if _HAS_REGIONS and all(_steps_whole(b) for b in self.layers):
             self._step_regions = [_block_region(spec) for spec in self.config.layers]
             # Every block + head: one call. fullgraph: a graph break in the step is an error, and
@@ -493,16 +495,24 @@ class CausalLM(nn.Module):
                 start: int, parts: dict[str, Any] | None, last_only: bool) -> torch.Tensor:
         """The blocks and the head: eagerly, or through the compiled parts (one call for a decode step)."""
         logits = None
-        if parts is not None and "model_step" in parts and cache is not None and x.shape[1] == 1:
-            from torch._dynamo.exc import TorchDynamoException
+        whole = parts is not None and "model_step" in parts and cache is not None and x.shape[1] == 1
+        if whole:  # (what dynamo specialises the step on, besides the model's own shapes)
+            variant = (x.shape[0], tuple(p.mask is None for p in plans.values()), torch.is_inference_mode_enabled())
+            whole = variant not in parts["over_limit"]
+        if whole:
+            import torch._dynamo.exc as dynamo_exc
 
             seen_of: dict[Any, dict[Any, tuple[Any, Any]]] = {}  # per block region
             inputs = [_step_inputs(kv, plans[b.attn.spec.window], start, seen_of.setdefault(spec, {}))
                       for spec, b, kv in zip(self.config.layers, self.layers, cache.layers)]
             try:
                 logits = parts["model_step"](self, x, tables, inputs)
-            except TorchDynamoException as e:  # compiling a new variant (batch size, padding) failed
-                del parts["model_step"]  # (before it ran: the cache is untouched)
+            except getattr(dynamo_exc, "FailOnRecompileLimitHit", ()):  # (fullgraph: raised, not eager)
+                parts["over_limit"].add(variant)  # (not tried again: each try recompiles, and fails)
+                warnings.warn("compile_decode: dynamo's limit of compiled variants of the decode step (batch sizes, "
+                              "padding) is reached; new variants run one block at a time", stacklevel=3)
+            except Exception as e:  # noqa: BLE001 - compiling a new variant failed
+                del parts["model_step"]  # (the per-block step below rewrites any cache slot it wrote)
                 warnings.warn(f"compile_decode: compiling the whole decode step failed for this input; decoding "
                               f"continues one block at a time ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
                               stacklevel=3)

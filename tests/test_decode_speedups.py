@@ -320,3 +320,33 @@ def test_compiled_decode_with_nope_and_rope_layers_equals_eager():
             assert _compiled_frames(model, lambda: model(ids[:, -1:], cache=cache)) == 1
     with torch.no_grad():
         assert torch.equal(llmparts.generate(model, None, ids, attention_mask=mask, max_new_tokens=10), expected_padded)
+
+
+def test_more_step_variants_than_dynamo_keeps_decode_per_block():
+    """Batch sizes x padding beyond dynamo's recompile limit: the whole-model step (compiled with
+    fullgraph, so the limit raises instead of running eagerly) hands those variants to the per-block
+    step with a warning; the variants compiled before keep the whole step; tokens equal eager."""
+    model = llmparts.build_model("tiny/qwen3", seed=13).eval()
+    batches = []
+    for B in range(1, 7):
+        ids = torch.randint(0, 256, (B, 6), generator=torch.Generator().manual_seed(B))
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        batches += [(ids, None), (ids, mask)]
+    with torch.no_grad():
+        expected = [llmparts.generate(model, None, ids, attention_mask=m, max_new_tokens=4) for ids, m in batches]
+    compiled = model.compile_decode()
+    assert compiled or not _compiler_works()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            got = [llmparts.generate(model, None, ids, attention_mask=m, max_new_tokens=4) for ids, m in batches]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    if compiled and hasattr(torch.compiler, "nested_compile_region"):
+        assert any("limit of compiled variants" in str(w.message) for w in caught)
+        assert "model_step" in model._decode_parts and model._decode_parts["over_limit"]
+        ids = batches[0][0]
+        with torch.no_grad():  # batch 1, no padding: compiled before the limit, still one graph
+            cache = model.make_cache(1, 8)
+            model(ids, cache=cache)
+            assert _compiled_frames(model, lambda: model(ids[:, -1:], cache=cache)) == 1
