@@ -486,9 +486,10 @@ class CausalLM(nn.Module):
             logits = c * torch.tanh(logits / c)
         if labels is None:
             return logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-        if self.training:
-            loss = loss + self.aux_loss()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).long(),
+                               ignore_index=-100)
+        if self.training:  # (padding, position -1, is left out of the load-balancing loss)
+            loss = loss + self.aux_loss(None if contiguous else q_pos >= 0)
         return loss
 
     def _blocks(self, x: torch.Tensor, tables: dict[str, Tables], plans: dict[Any, StepPlan], cache: KVCache | None,
@@ -530,19 +531,24 @@ class CausalLM(nn.Module):
             logits = (parts["head"] if parts is not None else _head)(self, x)
         return logits
 
-    def aux_loss(self) -> torch.Tensor | float:
+    def aux_loss(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor | float:
         """The mixture-of-experts load-balancing loss of the last training forward, weighted by
         ``aux_loss_coef``: as transformers computes it, over the router logits of all MoE layers at
         once (token fractions and mean probabilities averaged over every layer's rows, then
-        multiplied), not a sum of per-layer losses. 0 without MoE layers or in eval mode."""
+        multiplied), not a sum of per-layer losses, and over the tokens ``attention_mask`` (that
+        forward's (B, T) mask; ``forward`` passes it) marks real. 0 without MoE layers or in eval mode."""
         from .modules.moe import load_balancing_loss
 
+        valid = None if attention_mask is None else attention_mask.reshape(-1) != 0
         groups: dict[tuple[float, int], list[torch.Tensor]] = {}
         for b in self.layers:
             logits = getattr(b.mlp, "router_logits", None)
             if logits is not None:
+                if valid is not None and valid.shape[0] != logits.shape[0]:
+                    raise InputError(f"attention_mask has {valid.shape[0]} tokens; the last forward routed "
+                                     f"{logits.shape[0]}")
                 groups.setdefault((b.mlp.spec.aux_loss_coef, b.mlp.spec.top_k), []).append(logits)
-        return sum((coef * load_balancing_loss(lg, k) for (coef, k), lg in groups.items()), 0.0)
+        return sum((coef * load_balancing_loss(lg, k, valid) for (coef, k), lg in groups.items()), 0.0)
 
 
 def allocate_empty(model: nn.Module, device: torch.device | str | None) -> None:

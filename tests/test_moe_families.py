@@ -10,6 +10,8 @@ between two exact implementations).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -134,19 +136,33 @@ def test_layer_kinds(tmp_path):
     assert all(layer.attention.sinks for layer in cfg.layers)
 
 
-def test_training_loss_with_load_balancing_matches_transformers(tmp_path):
-    """Language-model loss plus router_aux_loss_coef x the load-balancing loss over all MoE layers."""
-    d, ref = make("qwen3_moe-norm", tmp_path)
+@pytest.mark.parametrize("router_logits", [True, False])
+@pytest.mark.parametrize("padded", [False, True])
+def test_training_loss_with_load_balancing_matches_transformers(tmp_path, router_logits, padded):
+    """Language-model loss plus, when config.json turns router logits on (transformers adds the loss only
+    then; released configs do not), router_aux_loss_coef x the load-balancing loss over all MoE layers
+    and the real tokens (padding left out, as transformers' attention-mask branch does)."""
+    d, _ = make("qwen3_moe-norm", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(output_router_logits=router_logits, router_aux_loss_coef=0.1)
+    (d / "config.json").write_text(json.dumps(cfg))
+    ref = hf_moe_reference(d).train()
     ours = llmparts.load_pretrained(d).train()
-    ref.train()
     x = batch(32)
-    expected = ref(x, labels=x, output_router_logits=True)
-    got = ours(x, labels=x)
-    assert expected.aux_loss is not None
+    mask = torch.ones_like(x)
+    if padded:
+        mask[1, :7] = 0
+    labels = x.masked_fill(mask == 0, -100)
+    labels[1, 7] = -100  # (predicted from a padding position's output, which the libraries fill differently)
+    expected = ref(x, labels=labels, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    got = ours(x, labels=labels, attention_mask=mask)
+    assert (expected.aux_loss is not None) == router_logits
     print(f"loss {got.item():.6f} vs {expected.loss.item():.6f}")
     assert abs(got.item() - expected.loss.item()) <= 1e-5
     got.backward()
-    assert ours.layers[0].mlp.router.weight.grad.abs().sum() > 0
+    expected.loss.backward()
+    ours_grad, ref_grad = ours.layers[0].mlp.router.weight.grad, ref.model.layers[0].mlp.gate.weight.grad
+    assert (ours_grad - ref_grad).abs().max().item() <= 1e-5 * ref_grad.abs().max().item() + 1e-7
 
 
 # ------------------------------------------------------------------------ quantized checkpoints

@@ -210,3 +210,12 @@ def test_smollm3_export_of_a_small_vocabulary_loads_in_transformers(tmp_path):
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     with torch.no_grad():
         assert (ref(IDS).logits - m(IDS)).abs().max().item() <= 1e-4
+
+
+def test_int32_labels_give_the_same_loss_as_int64():
+    model = llmparts.build_model("tiny/qwen3", seed=0)
+    ids = torch.randint(0, 256, (2, 9))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    with torch.no_grad():
+        assert torch.equal(model(ids, labels=labels.int()), model(ids, labels=labels))

@@ -46,9 +46,11 @@ def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+def load_balancing_loss(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...], top_k: int,
+                        valid: torch.Tensor | None = None) -> torch.Tensor:
     """Switch Transformer load-balancing loss (arXiv 2101.03961, eqs. 4-6), as ``transformers``
-    computes it (``load_balancing_loss_func`` without an attention mask).
+    computes it (``load_balancing_loss_func``; with an attention mask, over the real tokens only:
+    ``valid``, a (N,) bool mask of each layer's rows).
 
     ``E * sum_e f_e * P_e`` where ``f_e`` is the fraction of (token, slot) assignments that go to
     expert e under top-k of ``softmax(logits)`` (summed over the k slots, so it totals k), and
@@ -60,6 +62,8 @@ def load_balancing_loss(router_logits: list[torch.Tensor] | tuple[torch.Tensor, 
     router_logits: one (N, E) tensor per layer. Returns a float32 scalar (= k when perfectly balanced).
     """
     E = router_logits[0].shape[-1]
+    if valid is not None:  # (transformers weights every sum by the mask: the same as dropping the rows)
+        router_logits = [lg[valid] for lg in router_logits]
     probs = torch.cat([lg.float() for lg in router_logits]).softmax(dim=-1)  # (L*N, E)
     chosen = probs.topk(top_k, dim=-1).indices  # (L*N, k)
     tokens_per_expert = F.one_hot(chosen, E).sum(dim=(0, 1)).float() / probs.shape[0]  # (E,)
@@ -314,9 +318,10 @@ class MoE(nn.Module):
 
     The routed output is ``sum_k w_k * expert_{i_k}(x)``; the shared expert's output (DeepSeekMoE)
     is added without a weight. In training mode, ``aux_loss`` holds ``aux_loss_coef`` times the
-    Switch load-balancing loss of this layer (:func:`load_balancing_loss`) and ``router_logits``
-    the (B*T, E) float32 logits (to combine several layers exactly as transformers does); both are
-    ``None`` in eval mode or when ``aux_loss_coef`` is 0.
+    Switch load-balancing loss of this layer (:func:`load_balancing_loss`, over every row, padding
+    included) and ``router_logits`` the (B*T, E) float32 logits (to combine several layers, and
+    leave out padding, exactly as transformers does: :meth:`~llmparts.model.CausalLM.aux_loss`);
+    both are ``None`` in eval mode or when ``aux_loss_coef`` is 0.
 
     Args:
         spec: resolved :class:`~llmparts.specs.MoESpec`.

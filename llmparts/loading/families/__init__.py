@@ -39,7 +39,7 @@ METADATA_KEYS: dict[str, str] = {
 }
 METADATA_KEYS["attention_dropout"] = "dropout only acts in training"
 METADATA_KEYS["auto_map"] = "remote-code class names; llmparts never runs remote code"
-METADATA_KEYS["output_router_logits"] = "whether transformers returns router logits; no effect on the logits"
+METADATA_KEYS["output_router_logits"] = "whether transformers returns router logits (MoE families: and adds the load-balancing loss); no effect on the logits"
 METADATA_KEYS["pretraining_tp"] = "tensor-parallel hint of the original training; forward is unchanged"
 
 

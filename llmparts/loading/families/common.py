@@ -255,3 +255,12 @@ def one_of(hf: HFConfig, keys: tuple[str, ...], default: Any) -> Any:
 def moe_dense_overrides(layers: list[int], dense_mlp: dict[str, Any]) -> list[dict[str, Any]]:
     """The per-layer override that gives the dense layers of a mixture-of-experts model their MLP."""
     return [{"layers": layers, "mlp": dense_mlp}] if layers else []
+
+
+def router_aux_loss_coef(hf: HFConfig) -> float:
+    """The load-balancing loss coefficient training adds: ``router_aux_loss_coef`` when
+    ``output_router_logits`` is true, else 0 -- transformers adds the loss only with router logits
+    on, and released configs leave them off (``mlp.aux_loss_coef`` overrides it)."""
+    coef = hf.number("router_aux_loss_coef", 0.001)
+    return coef if hf.flag("output_router_logits", False) else 0.0
+

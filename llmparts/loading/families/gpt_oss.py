@@ -17,7 +17,8 @@ from typing import Any
 
 from ..weight_map import Rename, Rule
 from . import Family, HFConfig, register_family
-from .common import layer_types_from_hf, llama_rules, one_of, rope_from_hf, sizes_from_hf, sliding_overrides
+from .common import (layer_types_from_hf, llama_rules, one_of, rope_from_hf, router_aux_loss_coef, sizes_from_hf,
+                     sliding_overrides)
 
 
 # transformers 5.23's GptOssConfig default rope_parameters (used when config.json has none)
@@ -57,7 +58,7 @@ def gpt_oss_from_hf(hf: HFConfig) -> dict[str, Any]:
             "expert_bias": True,
             "router": "topk_softmax",
             "router_bias": True,
-            "aux_loss_coef": hf.number("router_aux_loss_coef", 0.001),
+            "aux_loss_coef": router_aux_loss_coef(hf),
         },
     }
     default = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]

@@ -15,7 +15,7 @@ from typing import Any
 from ...errors import ConfigError
 from ..weight_map import Rename, Rule
 from . import Family, HFConfig, register_family
-from .common import check_window, get_present, llama_rules, moe_dense_overrides, one_of
+from .common import check_window, get_present, llama_rules, moe_dense_overrides, one_of, router_aux_loss_coef
 from .llama import llama_core
 
 
@@ -51,7 +51,7 @@ def qwen3_moe_from_hf(hf: HFConfig) -> dict[str, Any]:
         "activation": dense["activation"],
         "router": "softmax",
         "normalize": hf.flag("norm_topk_prob", False),
-        "aux_loss_coef": hf.number("router_aux_loss_coef", 0.001),
+        "aux_loss_coef": router_aux_loss_coef(hf),
     }
     dense_layers = [i for i in range(n) if i in only or (i + 1) % step != 0]
     cfg["overrides"] = moe_dense_overrides(dense_layers, dense)
