@@ -47,5 +47,6 @@ def test_export_needs_a_family(tmp_path):
 
 def test_export_refuses_features_the_family_cannot_express(tmp_path):
     model = llmparts.build_model("tiny/qwen3", overrides=["attention.qk_norm=none", "attention.window=8"])
-    with pytest.raises(llmparts.ConfigError, match="cannot be written as model_type 'llama'.*layer 0"):
+    with pytest.raises(llmparts.ConfigError, match=r"cannot be written as model_type 'llama'.*"
+                                                   r"layers\[0\]\.attention\.window: 8 -> None"):
         save_pretrained(model, tmp_path, "llama")

@@ -7,6 +7,8 @@ directory, tokenizer files included.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 from typing import Any
@@ -45,13 +47,26 @@ def _check_expressible(config: ModelConfig, hf: dict[str, Any], model_type: str)
     family = family_for(model_type)
     back = ModelConfig.from_dict(family.config_from_hf(HFConfig(dict(hf), "exported config")))
     fields = ("vocab_size", "d_model", "n_layers", "max_seq_len", "tie_embeddings", "logit_softcap", "embedding", "final_norm")
-    diffs = [f for f in fields if getattr(back, f) != getattr(config, f)]
-    diffs += [f"layer {i}" for i, (a, b) in enumerate(zip(back.layers, config.layers)) if a != b]
+    diffs = [d for f in fields for d in _spec_diffs(f, getattr(config, f), getattr(back, f))]
+    diffs += [d for i, (ours, written) in enumerate(zip(config.layers, back.layers))
+              for d in _spec_diffs(f"layers[{i}]", ours, written)]
     if diffs:
         raise ConfigError(
-            f"this model cannot be written as model_type {model_type!r} without changing it (differs in: "
-            f"{', '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''}); pick the family that has these features"
+            f"this model cannot be written as model_type {model_type!r} without changing it (the model's value, "
+            f"then what {model_type} would record: {'; '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''}); "
+            "pick the family that has these features"
         )
+
+
+def _spec_diffs(path: str, ours: Any, written: Any) -> list[str]:
+    """``path.field: ours -> written`` for every leaf where two config values differ."""
+    if ours == written:
+        return []
+    if dataclasses.is_dataclass(ours) and type(ours) is type(written):
+        return [d for f in dataclasses.fields(ours)
+                for d in _spec_diffs(f"{path}.{f.name}", getattr(ours, f.name), getattr(written, f.name))]
+    describe = lambda v: getattr(v, "type", v) if dataclasses.is_dataclass(v) else v  # noqa: E731
+    return [f"{path}: {describe(ours)!r} -> {describe(written)!r}"]
 
 
 def save_pretrained(model: CausalLM, out_dir: str | Path, model_type: str | None = None,
