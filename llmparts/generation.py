@@ -17,6 +17,7 @@ min-p. Each is a small function here, tested against transformers' processor of 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -278,7 +279,7 @@ def decode_steps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 # ------------------------------------------------------------------------------------- generate
 def _as_list(x: Any) -> list:
-    return [] if x is None else ([x] if isinstance(x, (int, str)) else list(x))
+    return [] if x is None else ([x] if isinstance(x, (numbers.Integral, str)) else list(x))
 
 
 def _encode_prompts(tokenizer: Any, prompt: Any, messages: Any, chat: bool | None,
@@ -324,6 +325,14 @@ def _encode_prompts(tokenizer: Any, prompt: Any, messages: Any, chat: bool | Non
     return ids, kind
 
 
+def _id_list(row: Any, what: str) -> list[int]:
+    """A token-id list as Python ints; floats and bools are refused (numpy integers are ids)."""
+    for x in row:
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise InputError(f"{what} holds {x!r} ({type(x).__name__}); token ids must be integers")
+    return [int(x) for x in row]
+
+
 def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long, device=device)
@@ -360,7 +369,8 @@ def generate(model: Any, tokenizer: Any = None,
       a character and never contain (part of) a stop string; they concatenate to the non-streamed text.
 
     Sampling: ``temperature`` 0/None is greedy. Unset arguments come from
-    ``tokenizer.generation_config`` (generation_config.json); its sampling values are used only when
+    ``tokenizer.generation_config`` (generation_config.json; without a tokenizer, the model's own
+    ``generation_config``, read at load); its sampling values are used only when
     it says ``do_sample: true`` — unlike transformers no hidden ``top_k=50`` is added. Explicit
     arguments always win. ``repetition_penalty`` applies when greedy too. ``seed`` seeds a local
     generator (None: nondeterministic).
@@ -376,7 +386,8 @@ def generate(model: Any, tokenizer: Any = None,
     """
     dev = _device(model)
     sampling_only = {"top_k": top_k, "top_p": top_p, "min_p": min_p, "seed": seed}  # as passed
-    gc = dict(getattr(tokenizer, "generation_config", None) or {})
+    # generation_config.json (eos ids, sampling defaults): the tokenizer's, else the model's own
+    gc = dict(getattr(tokenizer, "generation_config", None) or getattr(model, "generation_config", None) or {})
     sampled = {k: gc.get(k) for k in ("temperature", "top_k", "top_p", "min_p")} if gc.get("do_sample") else {}
     if gc.get("do_sample") and sampled["temperature"] is None:
         sampled["temperature"] = 1.0
@@ -402,10 +413,11 @@ def generate(model: Any, tokenizer: Any = None,
         raise InputError("stop strings need a tokenizer to decode the output")
     check_seed(seed)
     extra_stops = _as_list(stop_token_ids)
-    bad_stops = [i for i in extra_stops if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+    bad_stops = [i for i in extra_stops if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0]
     if bad_stops:
         raise InputError(f"stop_token_ids={stop_token_ids!r} is invalid: expected token ids (ints >= 0), "
                          f"got {bad_stops[0]!r}")
+    extra_stops = [int(i) for i in extra_stops]
     if stops:  # special tokens never appear in the decoded text: a stop string that is one stops on its id
         special = {tokenizer.id_to_token(i): i for i in getattr(tokenizer, "special_ids", ())}
         special.pop(None, None)
@@ -418,6 +430,9 @@ def generate(model: Any, tokenizer: Any = None,
                 raise InputError(f"stop string {s!r} contains the special token {t!r}, which the decoded text "
                                  f"never shows; stop on it with stop_token_ids=[{special[t]}] instead")
 
+    if getattr(model, "device", None) is not None and model.device.type == "meta":
+        raise InputError("the model is on the meta device: it has shapes but no weights to generate with "
+                         "(build or load it on 'cpu' or 'cuda')")
     # ---- prompts -> left-padded ids (B, T) and mask
     eos_ids = [int(i) for i in _as_list(getattr(tokenizer, "eos_token_ids", None))]
     eos_ids += [int(i) for i in _as_list(gc.get("eos_token_id")) if int(i) not in eos_ids]
@@ -439,13 +454,14 @@ def generate(model: Any, tokenizer: Any = None,
                 raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != prompt {tuple(prompt.shape)}")
             if not bool(mask[:, -1].all()):
                 raise InputError("attention_mask must be left-padded: the last column must be all ones")
-    elif isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
-        kind, input_ids, mask = "ids", *_left_pad([list(prompt)], pad_id, dev)
+    elif isinstance(prompt, list) and prompt and all(isinstance(x, numbers.Number) for x in prompt):
+        kind, input_ids, mask = "ids", *_left_pad([_id_list(prompt, "prompt")], pad_id, dev)
     elif isinstance(prompt, list) and prompt and all(isinstance(x, (list, tuple)) for x in prompt):
         for i, r in enumerate(prompt):
             if not r:
                 raise InputError(f"prompt[{i}] is an empty token list")
-        kind, (input_ids, mask) = "id_lists", _left_pad([list(r) for r in prompt], pad_id, dev)
+        kind, (input_ids, mask) = "id_lists", _left_pad([_id_list(r, f"prompt[{i}]") for i, r in enumerate(prompt)],
+                                                        pad_id, dev)
     else:
         if attention_mask is not None:
             raise InputError("attention_mask is only for token-id tensor prompts")

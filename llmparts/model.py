@@ -251,6 +251,9 @@ class CausalLM(nn.Module):
         # Modules told before and after each use of the compiled parts (``compiled_step(active)``).
         self._step_modules: list[nn.Module] = []
         self._step_regions: list[Any] = []  # compile_decode: each layer's block region
+        # generation_config.json of a loaded checkpoint (eos ids, sampling defaults), for generate()
+        # without a tokenizer; {} for a built model
+        self.generation_config: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------ parameters
     def tie_weights(self) -> None:
@@ -579,14 +582,18 @@ def resolve_dtype(dtype: torch.dtype | str | None, what: str = "dtype") -> torch
     return dtype
 
 
-def resolve_device(device: torch.device | str | None) -> torch.device | None:
-    """``torch.device(device)``, or a ConfigError naming the value when it is not one this torch can use."""
+def resolve_device(device: torch.device | str | None, weights: bool = False) -> torch.device | None:
+    """``torch.device(device)``, or a ConfigError naming the value when it is not one this torch can use
+    (with ``weights``, for loading them: not ``meta``, which holds no data)."""
     if device is None:
         return None
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ConfigError(f"device {device!r} is not a torch device ({e}); use e.g. 'cpu' or 'cuda:0'") from None
+    if weights and dev.type == "meta":
+        raise ConfigError(f"device {device!r} holds no data, so weights cannot be loaded onto it; for a model "
+                          "without weights use build_model(config, device='meta') (or llmparts.config_of)")
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
         raise ConfigError(f"device {device!r}: this torch sees {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} "
                           "CUDA device(s) (torch.cuda.is_available() is "

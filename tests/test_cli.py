@@ -13,7 +13,7 @@ def test_inspect_a_shipped_config(capsys):
     assert "KV cache" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("device", ["bogus", f"cuda:{torch.cuda.device_count()}"])  # (one past the last GPU)
+@pytest.mark.parametrize("device", ["bogus", f"cuda:{torch.cuda.device_count()}", "meta"])  # (one past the last GPU)
 def test_unusable_device(capsys, tmp_path, device):
     assert main(["generate", "--model", str(tmp_path), "--device", device, "hello"]) == 2
     err = capsys.readouterr().err

@@ -535,3 +535,53 @@ def test_template_kwargs_may_set_add_generation_prompt():
     assert bytes(model.calls[0][0].tolist()).decode() == "<user>q\n"  # the prompt: no assistant header
     with pytest.raises(InputError, match="template_kwargs must be a dict"):
         generate(model, tok, messages=msgs, template_kwargs=5)
+
+
+def test_without_a_tokenizer_generation_stops_on_the_checkpoints_eos(tmp_path):
+    """A loaded model keeps its checkpoint's generation config: generate(model, None, ids) stops on the
+    EOS id config.json / generation_config.json names, as transformers' model.generate does."""
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 320, (2, 7), generator=torch.Generator().manual_seed(3))
+    save_hf(hf, tmp_path / "free")
+    free = generate(llmparts.load_pretrained(tmp_path / "free"), None, ids, max_new_tokens=8)[:, 7:]
+    eos = int(free[0, 2])  # a token row 0 emits third
+    hf.config.eos_token_id = hf.generation_config.eos_token_id = eos
+    for layout in ("generation_config", "config_only"):
+        d = save_hf(hf, tmp_path / layout)
+        if layout == "config_only":
+            (d / "generation_config.json").unlink()
+        model = llmparts.load_pretrained(d)
+        got = generate(model, None, ids, max_new_tokens=8)
+        with torch.no_grad():
+            expected = hf_reference(d).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                                do_sample=False, pad_token_id=eos)
+        assert int(got[0, 7 + 2]) == eos
+        assert torch.equal(got, expected), (layout, got, expected)
+    assert generate(llmparts.build_model("tiny/qwen3", seed=0), None, ids % 256, max_new_tokens=4).shape == (2, 11)
+
+
+def test_token_id_lists_must_hold_integers():
+    import numpy as np
+
+    model = llmparts.build_model("tiny/qwen3", seed=0)
+    for bad in ([[1.5, 2]], [True, 3], [[1, False]], [2.0]):
+        with pytest.raises(InputError, match="token ids must be integers"):
+            generate(model, None, bad, max_new_tokens=2)
+    row = list(np.array([5, 6, 7]))  # numpy integers are ids
+    assert generate(model, None, row, max_new_tokens=2) == generate(model, None, [5, 6, 7], max_new_tokens=2)
+    assert generate(model, None, [5, 6, 7], max_new_tokens=2, stop_token_ids=np.array([5, 6])) is not None
+
+
+def test_meta_device_models_are_refused_with_a_reason(tmp_path):
+    from llmparts.errors import ConfigError
+    from llmparts.loading.export import save_pretrained
+
+    with pytest.raises(InputError, match="meta device"):
+        generate(llmparts.build_model("tiny/qwen3", device="meta"), None, torch.tensor([[1, 2]]), max_new_tokens=2)
+    save_pretrained(llmparts.build_model("tiny/qwen3", seed=0), tmp_path, model_type="qwen3")
+    with pytest.raises(ConfigError, match="holds no data"):
+        llmparts.load_pretrained(tmp_path, device="meta")

@@ -80,7 +80,7 @@ def load_pretrained(source: str | Path, dtype: torch.dtype | str | None = None,
             safetensors exist. Off by default: pickles can execute code.
         revision: Hub revision (branch, tag or commit) for repo ids.
     """
-    dtype, device = resolve_dtype(dtype), resolve_device(device)  # (before any download)
+    dtype, device = resolve_dtype(dtype), resolve_device(device, weights=True)  # (before any download)
     path = resolve_source(source, revision)
     if path.is_file():
         if path.suffix != ".gguf":
@@ -106,7 +106,26 @@ def load_pretrained(source: str | Path, dtype: torch.dtype | str | None = None,
     model.to(dtype)
     model = fill_model(model, ckpt, family.weight_rules(raw), device, source=str(path))
     model.hf_model_type = family.model_types[0]
+    model.generation_config = _generation_config(path)
     return model
+
+
+def _generation_config(directory: Path) -> dict[str, Any]:
+    """generation_config.json, or else the token ids config.json names (as transformers derives a
+    generation config from the model config)."""
+    for name, keys in (("generation_config.json", None), ("config.json", ("bos_token_id", "eos_token_id", "pad_token_id"))):
+        f = directory / name
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text())
+            except ValueError as e:
+                raise ConfigError(f"{f}: not valid JSON ({e})") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"{f}: expected a JSON object")
+            if keys is None:
+                return data
+            return {k: data[k] for k in keys if data.get(k) is not None}
+    return {}
 
 
 def config_of(source: str | Path) -> ModelConfig:
@@ -135,7 +154,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
     """Load a GGUF file: metadata -> HF-style config -> family adapter; tensors dequantized per tensor."""
     from .gguf import GGUFFile
 
-    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    dtype, device = resolve_dtype(dtype), resolve_device(device, weights=True)
     f = GGUFFile(path)
     cfg, raw, family = _gguf_config(f)
     with torch.device("meta"):
@@ -143,6 +162,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
     model.to(dtype or torch.float32)
     model = fill_model(model, f, family.weight_rules(raw), device, source=str(path))
     model.hf_model_type = family.model_types[0]
+    model.generation_config = {k: f.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in f.config}
     return model
 
 
