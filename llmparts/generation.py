@@ -99,8 +99,8 @@ class SamplingParams:
             return isinstance(x, (int, float)) and not isinstance(x, bool)
 
         checks = [
-            ("temperature", self.temperature, num(self.temperature) and self.temperature >= 0,
-             "a number >= 0 (0 or None = greedy)"),
+            ("temperature", self.temperature, num(self.temperature) and 0 <= self.temperature < math.inf,
+             "a finite number >= 0 (0 or None = greedy)"),
             ("top_k", self.top_k, isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0,
              "an integer >= 0 (0 = off)"),
             ("top_p", self.top_p, num(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1] (1 = off)"),
@@ -377,8 +377,10 @@ def generate(model: Any, tokenizer: Any = None,
 
     Stops: every id in ``tokenizer.eos_token_ids`` and generation_config's ``eos_token_id``, plus
     ``stop_token_ids``; ``stop`` strings (may span tokens; text is cut before them; token outputs
-    keep the ids that completed them, as transformers does). Never emits an id >= the tokenizer's
-    ``vocab_size`` (or the model's, without a tokenizer), even when the embedding is padded wider.
+    keep the ids that completed them, as transformers does; a stop string must lie wholly in the
+    new text: transformers' ``stop_strings`` also fire on one that begins in the prompt). Never
+    emits an id >= the tokenizer's ``vocab_size`` (or the model's, without a tokenizer), even when
+    the embedding is padded wider.
 
     Context: a prompt of ``max_seq_len`` tokens or more raises :class:`ContextLengthError`; otherwise
     ``max_new_tokens`` (default 256) is clamped to ``max_seq_len - prompt_len`` (the padded length

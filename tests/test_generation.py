@@ -448,6 +448,7 @@ def test_padded_vocab_mask_scripted():
 # --------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("kw, name", [
     (dict(temperature=-0.1), "temperature"), (dict(temperature=math.nan), "temperature"),
+    (dict(temperature=math.inf), "temperature"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
     (dict(min_p=-0.1), "min_p"), (dict(min_p=1.1), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(repetition_penalty=-1.0), "repetition_penalty"), (dict(max_new_tokens=0), "max_new_tokens"),
