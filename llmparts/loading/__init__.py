@@ -37,13 +37,7 @@ def read_hf_config(directory: Path, strict: bool = True) -> tuple[ModelConfig, d
     path = directory / "config.json"
     if not path.is_file():
         raise ModelNotFoundError(f"{directory}: no config.json (expected a Hugging Face model directory)")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    hf = HFConfig(dict(data), str(path))
+    hf = HFConfig(_json_object(path), str(path))
     quant = parse_quant_config(hf.get("quantization_config"), str(path))
     family = family_for(hf.get("model_type"), str(path))
     raw = family.config_from_hf(hf)
@@ -110,22 +104,23 @@ def load_pretrained(source: str | Path, dtype: torch.dtype | str | None = None,
     return model
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
 def _generation_config(directory: Path) -> dict[str, Any]:
     """generation_config.json, or else the token ids config.json names (as transformers derives a
     generation config from the model config)."""
-    for name, keys in (("generation_config.json", None), ("config.json", ("bos_token_id", "eos_token_id", "pad_token_id"))):
-        f = directory / name
-        if f.is_file():
-            try:
-                data = json.loads(f.read_text())
-            except ValueError as e:
-                raise ConfigError(f"{f}: not valid JSON ({e})") from None
-            if not isinstance(data, dict):
-                raise ConfigError(f"{f}: expected a JSON object")
-            if keys is None:
-                return data
-            return {k: data[k] for k in keys if data.get(k) is not None}
-    return {}
+    if (directory / "generation_config.json").is_file():
+        return _json_object(directory / "generation_config.json")
+    data = _json_object(directory / "config.json")
+    return {k: data[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if data.get(k) is not None}
 
 
 def config_of(source: str | Path) -> ModelConfig:

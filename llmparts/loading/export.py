@@ -8,7 +8,6 @@ directory, tokenizer files included.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from pathlib import Path
 from typing import Any
