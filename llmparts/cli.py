@@ -50,6 +50,21 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _check_sampling(args: argparse.Namespace) -> None:
+    """The sampling flags' own checks, before loading a model (unset flags: the neutral values)."""
+    from .generation import SamplingParams
+    from .model import check_seed
+
+    given = lambda value, neutral: neutral if value is None else value  # noqa: E731
+    SamplingParams(given(args.temperature, 0.0), given(args.top_k, 0), given(args.top_p, 1.0), args.min_p,
+                   given(args.repetition_penalty, 1.0)).validate()
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise LLMPartsError(f"--max-new-tokens {args.max_new_tokens} is invalid: expected an integer >= 1")
+    if args.stop is not None and not all(args.stop):
+        raise LLMPartsError("--stop needs a non-empty string")
+    check_seed(args.seed)
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from .defaults import default_model_path
     from .loading import load_pretrained
@@ -69,6 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = " ".join(args.prompt)
     if not prompt.strip():
         raise LLMPartsError("generate: the prompt is empty")
+    _check_sampling(args)
     model, tok = _load(args)
     kwargs = _sampling(args)
     use_chat = tok.chat_template is not None and not args.raw
@@ -91,6 +107,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .generation import generate
 
+    _check_sampling(args)
     model, tok = _load(args)
     if tok.chat_template is None:
         raise LLMPartsError("chat: this model's tokenizer has no chat template; use `llmparts generate` instead")

@@ -28,3 +28,17 @@ def test_invalid_repo_id(capsys):
 def test_empty_model_source(capsys):
     assert main(["generate", "--model", "", "hello"]) == 2
     assert "model source is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("flags, name", [
+    (["--max-new-tokens", "-3"], "max-new-tokens"), (["--temperature", "inf"], "temperature"),
+    (["--top-p", "0"], "top_p"), (["--seed", "-1"], "seed"), (["--stop", ""], "stop"),
+])
+def test_sampling_flags_are_checked_before_loading(capsys, tmp_path, command, flags, name):
+    """A bad flag is reported at once (the model path does not even exist), not after loading the model
+    and, for chat, reading the first message."""
+    args = [command, "--model", str(tmp_path / "missing"), *flags] + (["hello"] if command == "generate" else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and name in err and "missing" not in err
