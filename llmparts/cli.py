@@ -51,18 +51,13 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_sampling(args: argparse.Namespace) -> None:
-    """The sampling flags' own checks, before loading a model (unset flags: the neutral values)."""
-    from .generation import SamplingParams
-    from .model import check_seed
+    """generate()'s own argument checks, before loading a model (unset flags: their neutral values)."""
+    from .generation import SamplingParams, check_arguments
 
     given = lambda value, neutral: neutral if value is None else value  # noqa: E731
-    SamplingParams(given(args.temperature, 0.0), given(args.top_k, 0), given(args.top_p, 1.0), args.min_p,
-                   given(args.repetition_penalty, 1.0)).validate()
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise LLMPartsError(f"--max-new-tokens {args.max_new_tokens} is invalid: expected an integer >= 1")
-    if args.stop is not None and not all(args.stop):
-        raise LLMPartsError("--stop needs a non-empty string")
-    check_seed(args.seed)
+    check_arguments(SamplingParams(given(args.temperature, 0.0), given(args.top_k, 0), given(args.top_p, 1.0),
+                                   args.min_p, given(args.repetition_penalty, 1.0)),
+                    given(args.max_new_tokens, 1), args.stop, args.seed)
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -325,6 +325,19 @@ def _encode_prompts(tokenizer: Any, prompt: Any, messages: Any, chat: bool | Non
     return ids, kind
 
 
+def check_arguments(params: SamplingParams, max_new_tokens: Any, stop: Any, seed: Any) -> list[str]:
+    """The checks of :func:`generate`'s arguments that need no model or tokenizer (the CLI runs them
+    before loading one); -> the stop strings as a list."""
+    params.validate()
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens={max_new_tokens!r} is invalid: expected an integer >= 1")
+    stops = _as_list(stop)
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise InputError(f"stop={stop!r} is invalid: expected non-empty strings")
+    check_seed(seed)
+    return stops
+
+
 def _id_list(row: Any, what: str) -> list[int]:
     """A token-id list as Python ints; floats and bools are refused (numpy integers are ids)."""
     for x in row:
@@ -401,19 +414,13 @@ def generate(model: Any, tokenizer: Any = None,
     max_new_tokens = pick(max_new_tokens, pick(gc.get("max_new_tokens"), DEFAULT_MAX_NEW_TOKENS))
     params = SamplingParams(pick(temperature, 0.0), pick(top_k, 0), pick(top_p, 1.0), min_p,
                             pick(repetition_penalty, 1.0))
-    params.validate()
+    stops = check_arguments(params, max_new_tokens, stop, seed)
     unused = [f"{k}={v!r}" for k, v in sampling_only.items() if v is not None] if params.greedy else []
     if unused:
         warnings.warn(f"generate: {', '.join(unused)} only apply when sampling, and temperature is "
                       f"{params.temperature} (greedy); set temperature > 0 to sample", stacklevel=2)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens={max_new_tokens!r} is invalid: expected an integer >= 1")
-    stops = _as_list(stop)
-    if any(not isinstance(s, str) or not s for s in stops):
-        raise InputError(f"stop={stop!r} is invalid: expected non-empty strings")
     if stops and tokenizer is None:
         raise InputError("stop strings need a tokenizer to decode the output")
-    check_seed(seed)
     extra_stops = _as_list(stop_token_ids)
     bad_stops = [i for i in extra_stops if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0]
     if bad_stops:
@@ -432,7 +439,7 @@ def generate(model: Any, tokenizer: Any = None,
                 raise InputError(f"stop string {s!r} contains the special token {t!r}, which the decoded text "
                                  f"never shows; stop on it with stop_token_ids=[{special[t]}] instead")
 
-    if getattr(model, "device", None) is not None and model.device.type == "meta":
+    if dev.type == "meta":
         raise InputError("the model is on the meta device: it has shapes but no weights to generate with "
                          "(build or load it on 'cpu' or 'cuda')")
     # ---- prompts -> left-padded ids (B, T) and mask

@@ -18,7 +18,6 @@ Ids and decoded text are meant to equal ``transformers.AutoTokenizer`` on the sa
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import re

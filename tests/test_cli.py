@@ -32,7 +32,7 @@ def test_empty_model_source(capsys):
 
 @pytest.mark.parametrize("command", ["generate", "chat"])
 @pytest.mark.parametrize("flags, name", [
-    (["--max-new-tokens", "-3"], "max-new-tokens"), (["--temperature", "inf"], "temperature"),
+    (["--max-new-tokens", "-3"], "max_new_tokens"), (["--temperature", "inf"], "temperature"),
     (["--top-p", "0"], "top_p"), (["--seed", "-1"], "seed"), (["--stop", ""], "stop"),
 ])
 def test_sampling_flags_are_checked_before_loading(capsys, tmp_path, command, flags, name):

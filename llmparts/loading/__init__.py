@@ -104,6 +104,9 @@ def load_pretrained(source: str | Path, dtype: torch.dtype | str | None = None,
     return model
 
 
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")  # a config's ids a generation config takes
+
+
 def _json_object(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -120,7 +123,7 @@ def _generation_config(directory: Path) -> dict[str, Any]:
     if (directory / "generation_config.json").is_file():
         return _json_object(directory / "generation_config.json")
     data = _json_object(directory / "config.json")
-    return {k: data[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if data.get(k) is not None}
+    return {k: data[k] for k in TOKEN_ID_KEYS if data.get(k) is not None}
 
 
 def config_of(source: str | Path) -> ModelConfig:
@@ -157,7 +160,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
     model.to(dtype or torch.float32)
     model = fill_model(model, f, family.weight_rules(raw), device, source=str(path))
     model.hf_model_type = family.model_types[0]
-    model.generation_config = {k: f.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in f.config}
+    model.generation_config = {k: f.config[k] for k in TOKEN_ID_KEYS if k in f.config}
     return model
 
 

@@ -128,15 +128,13 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype 
     """GGUF file -> HF directory: config.json, model.safetensors, generation_config.json, tokenizer files."""
     from ..tokenizer import Tokenizer
     from . import load_gguf
-    from .gguf import GGUFFile
 
-    f = GGUFFile(gguf_path)
     model = load_gguf(gguf_path, dtype or torch.float32)
-    tokens = {k: f.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in f.config}
-    out = save_pretrained(model, out_dir, f.config["model_type"], dtype, extra_config=tokens)
+    tokens = dict(model.generation_config)  # the GGUF's bos / eos / pad ids
+    out = save_pretrained(model, out_dir, model.hf_model_type, dtype, extra_config=tokens)
     tok = Tokenizer.from_gguf(gguf_path)
     tok.save_pretrained(out)
-    gen = {k: v for k, v in tokens.items()}
+    gen = dict(tokens)
     if tok.eos_token_ids:
         gen["eos_token_id"] = tok.eos_token_ids if len(tok.eos_token_ids) > 1 else tok.eos_token_ids[0]
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
