@@ -22,22 +22,12 @@ environment (``MALLOC_*_`` variables or ``GLIBC_TUNABLES=glibc.malloc...``), or 
 allocator is preloaded (jemalloc, tcmalloc, mimalloc). The cost: freed blocks under 32 MiB stay in
 the process for reuse (at most 64 MiB of them at the top of the heap) instead of going back to the
 kernel.
-
-:func:`long_lived_empty` allocates those weights and cache buffers: on Linux, each CPU tensor of at
-least one transparent huge page (2 MiB) gets an anonymous mapping of its own, aligned to a huge page
-and advised as huge pages (``madvise(MADV_HUGEPAGE)``; the kernel's default THP mode, ``madvise``,
-gives huge pages only to memory advised so). Decoding reads every weight once per token, and with
-4 KiB pages that is a TLB miss every 4 KiB (a two-level page walk in a virtual machine): huge pages
-took Qwen3-0.6B's bfloat16 decode step from 40.4 to 39.2 ms here (28.2 to 27.3 ms in the machine's
-faster memory mode). ``LLMPARTS_HUGE_PAGES=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import math
-import mmap
 import os
 import sys
 import threading
@@ -125,51 +115,3 @@ def glibc_mallopt() -> Any:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return mallopt
-
-
-HUGE_PAGES_ENV = "LLMPARTS_HUGE_PAGES"
-_THP = "/sys/kernel/mm/transparent_hugepage/"
-_huge_page: int | None | bool = False  # not looked up yet
-
-
-def huge_page_size() -> int | None:
-    """The transparent huge page size in bytes where :func:`long_lived_empty` uses huge pages, else
-    None: off with ``LLMPARTS_HUGE_PAGES=0``, outside Linux, or where the kernel has THP disabled."""
-    global _huge_page
-    if _huge_page is False:
-        _huge_page = _find_huge_page_size()
-    return _huge_page  # type: ignore[return-value]
-
-
-def _find_huge_page_size() -> int | None:
-    if os.environ.get(HUGE_PAGES_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return None
-    try:
-        with open(_THP + "enabled") as f:
-            if "[never]" in f.read():
-                return None
-        with open(_THP + "hpage_pmd_size") as f:
-            size = int(f.read())
-    except (OSError, ValueError):
-        return None
-    return size if size > 0 and size % mmap.PAGESIZE == 0 else None
-
-
-def long_lived_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device | str | None = None,
-                     zero: bool = False) -> torch.Tensor:
-    """``torch.empty`` (``torch.zeros`` with ``zero``) for a tensor that lives as long as its model:
-    on the CPU, at least a huge page in size and with huge pages available (:func:`huge_page_size`),
-    it is the only tensor of an anonymous mapping (zero-filled by the kernel), starting at a huge-page
-    boundary, whose whole huge pages are advised as such; its storage is exactly its own bytes, and
-    the mapping is unmapped when the storage is freed. Otherwise plain ``torch.empty`` / ``zeros``."""
-    dev = torch.device(device or "cpu")
-    nbytes = math.prod(shape) * dtype.itemsize
-    size = huge_page_size() if dev.type == "cpu" else None
-    if size is None or nbytes < size:
-        return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=dev)
-    m = mmap.mmap(-1, nbytes + size - mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    offset = -torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr() % size  # (a multiple of the page size)
-    m.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // size * size)
-    return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=offset).view(dtype).view(shape)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .allocator import long_lived, long_lived_empty
+from .allocator import long_lived
 from .errors import CacheError
 from .masks import visible
 
@@ -51,9 +51,9 @@ class LayerKV:
         self.window = window
         # A full buffer is only ever read up to the cached length: left uninitialised (no zero-fill
         # pass over a long cache). A ring is read whole, masked: zeros keep 0 * value finite.
-        # (Large CPU buffers get huge pages: llmparts.allocator.)
-        self.k = long_lived_empty((B, n_kv, n_slots, k_dim), dtype, device, zero=window is not None)
-        self.v = long_lived_empty((B, n_kv, n_slots, v_dim), dtype, device, zero=window is not None)
+        alloc = torch.empty if window is None else torch.zeros
+        self.k = alloc(B, n_kv, n_slots, k_dim, dtype=dtype, device=device)
+        self.v = alloc(B, n_kv, n_slots, v_dim, dtype=dtype, device=device)
 
     def step_buffers(self, plan: StepPlan, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """For a one-token step whose key/value the caller writes (a compiled decode step): the whole

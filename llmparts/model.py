@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .allocator import long_lived, long_lived_empty
+from .allocator import long_lived
 from .config import LayerSpec, ModelConfig, load_config
 from .errors import ConfigError, ContextLengthError, InputError
 from .kv_cache import KVCache, StepPlan, plan_without_cache
@@ -559,10 +559,10 @@ def allocate_empty(model: nn.Module, device: torch.device | str | None) -> None:
     (default CPU): ``nn.Module.to_empty``, without its ``empty_like`` on meta tensors, whose first
     use in a process imports torch's Python meta kernels (half a second of every load). On the CPU it
     also makes the C heap keep freed activation memory for reuse, the weights themselves being mapped
-    on their own, in huge pages where they are large enough (:mod:`llmparts.allocator`)."""
+    on their own (:mod:`llmparts.allocator`)."""
     dev = torch.device(device or "cpu")
     with long_lived(dev):
-        model._apply(lambda t: long_lived_empty(t.shape, t.dtype, dev))
+        model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=dev))
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..allocator import long_lived_empty
 from ..registry import register_module
 from ..specs import GatedMLPSpec, MoESpec
 from .linear import MATVEC_MAX_ROWS, linear, materialized
@@ -194,7 +193,7 @@ class Experts(nn.Module):
                 or self.gate_up() is not None):
             return
         E, Fd, D = g.shape
-        base = long_lived_empty((E, 2 * Fd, D), g.dtype, g.device) if empty else torch.cat((g.data, u.data), 1)
+        base = torch.empty((E, 2 * Fd, D), dtype=g.dtype, device=g.device) if empty else torch.cat((g.data, u.data), 1)
         g.data, u.data = base[:, :Fd], base[:, Fd:]
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
