@@ -54,6 +54,7 @@ class LayerKV:
         alloc = torch.empty if window is None else torch.zeros
         self.k = alloc(B, n_kv, n_slots, k_dim, dtype=dtype, device=device)
         self.v = alloc(B, n_kv, n_slots, v_dim, dtype=dtype, device=device)
+        self.marked_dynamic = False  # whether a compiled decode step marked the slot dim dynamic
 
     def step_buffers(self, plan: StepPlan, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """For a one-token step whose key/value the caller writes (a compiled decode step): the whole

@@ -146,9 +146,10 @@ def _step_inputs(kv: Any, plan: StepPlan, start: int, seen_of: dict[Any, tuple[A
     that length against another region's cache size inside the NoPE region's code, where that size
     is undefined (``NameError: name 's80' is not defined``), and the whole-step compile failed."""
     k_buf, v_buf, write, n = kv.step_buffers(plan, start)
-    if plan.window is None:
+    if plan.window is None and not kv.marked_dynamic:  # (a mark stays on the tensor)
         for t in (k_buf, v_buf):
             torch._dynamo.maybe_mark_dynamic(t, 2)
+        kv.marked_dynamic = True
     if plan.window not in seen_of:
         seen, mask = plan.k_pos[:, :n], None if plan.mask is None else plan.mask[..., :n]
         if plan.window is None:
@@ -506,9 +507,9 @@ class CausalLM(nn.Module):
         if whole:
             import torch._dynamo.exc as dynamo_exc
 
-            seen_of: dict[Any, dict[Any, tuple[Any, Any]]] = {}  # per block region
-            inputs = [_step_inputs(kv, plans[b.attn.spec.window], start, seen_of.setdefault(spec, {}))
-                      for spec, b, kv in zip(self.config.layers, self.layers, cache.layers)]
+            seen_of: dict[int, dict[Any, tuple[Any, Any]]] = {}  # per block region (id: hashing specs is slow)
+            inputs = [_step_inputs(kv, plans[b.attn.spec.window], start, seen_of.setdefault(id(region), {}))
+                      for region, b, kv in zip(self._step_regions, self.layers, cache.layers)]
             try:
                 logits = parts["model_step"](self, x, tables, inputs)
             except getattr(dynamo_exc, "FailOnRecompileLimitHit", ()):  # (fullgraph: raised, not eager)
