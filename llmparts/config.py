@@ -331,8 +331,9 @@ class ModelConfig:
             overrides.append(LayerOverride(layers, ov["layers"], parts))
         cfg = cls(**kwargs, overrides=tuple(overrides))
         object.__setattr__(cfg, "layers", cfg._resolve_layers(path))
-        ctx = {"d_model": cfg.d_model, "max_seq_len": cfg.max_seq_len}
+        ctx = {"d_model": cfg.d_model, "max_seq_len": cfg.max_seq_len, "vocab_size": cfg.vocab_size}
         object.__setattr__(cfg, "final_norm", cfg.norm.resolve(ctx, f"{path}.norm"))
+        cfg.embedding.resolve(ctx, f"{path}.embedding")  # (checks only)
         return cfg
 
     def _resolve_layers(self, path: str) -> tuple[LayerSpec, ...]:

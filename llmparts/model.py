@@ -24,15 +24,17 @@ from .modules.position import Tables
 
 
 class Embedding(nn.Module):
-    """Token embedding; Gemma multiplies by sqrt(d_model), rounded to the weight dtype first."""
+    """Token embedding; Gemma multiplies by sqrt(d_model), rounded to the weight dtype first. The
+    ``padding_idx`` row gets no gradient from the lookup (``nn.Embedding``'s ``padding_idx``)."""
 
-    def __init__(self, vocab_size: int, d_model: int, scale: float | str) -> None:
+    def __init__(self, vocab_size: int, d_model: int, scale: float | str, padding_idx: int | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
         self.scale = d_model**0.5 if scale == "sqrt_d_model" else (None if scale == "none" else float(scale))
+        self.padding_idx = padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(ids, self.weight)
+        x = F.embedding(ids, self.weight, self.padding_idx)
         if self.scale is not None:
             x = x * torch.tensor(self.scale, dtype=self.weight.dtype, device=x.device)
         return x
@@ -233,7 +235,8 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = Embedding(config.vocab_size, config.d_model, config.embedding.scale)  # type: ignore[attr-defined]
+        self.embed = Embedding(config.vocab_size, config.d_model, config.embedding.scale,  # type: ignore[attr-defined]
+                               config.embedding.padding_idx)  # type: ignore[attr-defined]
         self.layers = nn.ModuleList(Block(spec, config.d_model, i) for i, spec in enumerate(config.layers))
         self.final_norm = build(config.final_norm, dim=config.d_model)
         self.head = Linear(config.d_model, config.vocab_size, bias=False)
@@ -264,7 +267,7 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Random init: N(0, init_std) for embeddings, projections and stacked experts; zero biases
-        (and sinks, router correction biases); norms to identity."""
+        (and sinks, router correction biases) and the embedding's padding row; norms to identity."""
         std = self.config.init_std
         done: set[int] = set()
         for module in self.modules():
@@ -280,6 +283,8 @@ class CausalLM(nn.Module):
         for p in self.parameters():  # the rest: stacked expert weights (E, out, in), biases, sinks
             if id(p) not in done:
                 p.normal_(0.0, std, generator=generator) if p.dim() >= 2 else p.zero_()
+        if self.embed.padding_idx is not None:  # as nn.Embedding / transformers: the pad row starts at zero
+            self.embed.weight[self.embed.padding_idx].zero_()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared (tied) parameters counted once

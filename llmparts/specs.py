@@ -459,10 +459,23 @@ class BlockSpec(Spec):
 @register_spec("embedding", "standard")
 @dataclass(frozen=True)
 class EmbeddingSpec(Spec):
-    """Token embedding, optionally multiplied by a constant (``sqrt_d_model``: Gemma, in the weight dtype)."""
+    """Token embedding, optionally multiplied by a constant (``sqrt_d_model``: Gemma, in the weight dtype).
+
+    ``padding_idx``: the pad token's row, as ``nn.Embedding(padding_idx=...)`` (transformers passes
+    ``pad_token_id``): it is zero at random init and the lookup gives it no gradient (a tied head
+    still does). The output is the same either way.
+    """
 
     type: str = "standard"
     scale: float | Literal["none", "sqrt_d_model"] = "none"
+    padding_idx: int | None = None
+
+    def resolve(self, ctx: dict[str, Any], path: str) -> "EmbeddingSpec":
+        vocab = ctx["vocab_size"]
+        if self.padding_idx is not None and not 0 <= self.padding_idx < vocab:
+            raise ConfigError(f"{path}.padding_idx must be a token id in [0, vocab_size {vocab}) or null, "
+                              f"got {self.padding_idx}")
+        return self
 
 
 DEFAULT_TYPES = {

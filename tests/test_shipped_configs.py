@@ -89,7 +89,9 @@ _DEEPSEEK_YARN = lambda factor, mscale, beta_fast=32, beta_slow=1: {  # noqa: E7
     "original_max_position_embeddings": 4096, "type": "yarn",
 }
 
-# The architecture fields of the released config.json files (token ids, dtype and version stamps left out).
+# The architecture fields of the released config.json files (token ids, dtype and version stamps left out;
+# pad_token_id, the embedding's padding row, only where it was checked against the released file: gpt-oss
+# 199999, Gemma 3 0 -- elsewhere the padding row is left out of the comparison, see ``same_padding_row``).
 # Gemma 3 4B/12B/27B are the ``text_config`` of the multimodal checkpoints, which list only what differs from
 # Gemma3TextConfig's defaults; transformers fills in the rest exactly as ``from_pretrained`` does.
 RELEASED = {
@@ -100,7 +102,7 @@ RELEASED = {
         "query_pre_attn_scalar": 256, "sliding_window": 512, "_sliding_window_pattern": 6,
         "layer_types": _LAYER_TYPES_5_1(18), "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
         "rope_scaling": None, "attention_bias": False, "attn_logit_softcapping": None,
-        "final_logit_softcapping": None, "use_bidirectional_attention": False,
+        "final_logit_softcapping": None, "use_bidirectional_attention": False, "pad_token_id": 0,
     },
     "gemma3-1b": {  # google/gemma-3-1b-pt
         "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152, "intermediate_size": 6912,
@@ -108,7 +110,7 @@ RELEASED = {
         "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 32768, "rms_norm_eps": 1e-06,
         "query_pre_attn_scalar": 256, "sliding_window": 512, "sliding_window_pattern": 6,
         "rope_theta": 1000000, "rope_local_base_freq": 10000, "rope_scaling": None, "attention_bias": False,
-        "attn_logit_softcapping": None, "final_logit_softcapping": None,
+        "attn_logit_softcapping": None, "final_logit_softcapping": None, "pad_token_id": 0,
     },
     "gemma3-4b": {  # google/gemma-3-4b-pt, text_config
         "model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
@@ -235,6 +237,7 @@ RELEASED = {
             "layer_types": ["sliding_attention", "full_attention"] * (layers // 2), "num_local_experts": experts,
             "num_experts_per_tok": 4, "experts_per_token": 4, "router_aux_loss_coef": 0.9,
             "output_router_logits": False, "swiglu_limit": 7.0, "tie_word_embeddings": False,
+            "pad_token_id": 199999,
         }
         for name, (layers, experts) in {"gpt-oss-20b": (24, 32), "gpt-oss-120b": (36, 128)}.items()
     },
@@ -268,6 +271,16 @@ def _exportable(name: str) -> bool:
 
 # Configs whose family can write a config.json (config_to_hf); the mixture-of-experts families only read one.
 EXPORTABLE = [name for name in SHIPPED if _exportable(name)]
+
+
+def same_padding_row(name: str, got: ModelConfig, want: ModelConfig) -> ModelConfig:
+    """``got`` with ``want``'s embedding padding row where RELEASED does not record the released pad id
+    (it changes no logits, only the pad row's init and gradient; for the Gemma 3 excerpts,
+    Gemma3TextConfig's default 0 is the released value)."""
+    if "pad_token_id" in RELEASED[name] or name in GEMMA3_TEXT_CONFIG_EXCERPTS:
+        return got
+    object.__setattr__(got, "embedding", got.embedding.replace(padding_idx=want.embedding.padding_idx))  # (a fresh copy)
+    return got
 
 
 def assert_same_network(got: ModelConfig, want: ModelConfig) -> None:
@@ -346,7 +359,8 @@ def test_released_config_gives_the_shipped_config(name):
     raw = family_for(hf_dict["model_type"]).config_from_hf(hf)
     hf.finish(strict=True)
     raw.pop("weights", None)  # checkpoint facts for the weight map (e.g. DeepSeek's MTP layers), not the network
-    assert_same_network(ModelConfig.from_dict({**raw, "name": name}), llmparts.load_config(name))
+    want = llmparts.load_config(name)
+    assert_same_network(same_padding_row(name, ModelConfig.from_dict({**raw, "name": name}), want), want)
 
 
 @pytest.mark.parametrize("name", sorted(set(RELEASED) - GEMMA3_TEXT_CONFIG_EXCERPTS))
@@ -358,7 +372,8 @@ def test_released_config_file_gives_the_shipped_config(name):
     raw = family_for(RELEASED[name]["model_type"]).config_from_hf(hf)
     hf.finish(strict=True)
     raw.pop("weights", None)
-    assert_same_network(ModelConfig.from_dict({**raw, "name": name}), llmparts.load_config(name))
+    want = llmparts.load_config(name)
+    assert_same_network(same_padding_row(name, ModelConfig.from_dict({**raw, "name": name}), want), want)
 
 
 def hf_num_parameters(hf_dict: dict) -> int:

@@ -104,15 +104,43 @@ def rope_from_hf(hf: HFConfig, default_theta: float, params: dict[str, Any] | No
     return {"type": "rope", "theta": float(theta), "scaling": scaling}
 
 
-def sizes_from_hf(hf: HFConfig) -> dict[str, Any]:
-    """The top-level sizes every family reads alike: vocabulary, width, depth, context, tying."""
+def sizes_from_hf(hf: HFConfig, pad_default: int | None = None) -> dict[str, Any]:
+    """The top-level sizes every family reads alike: vocabulary, width, depth, context, tying; and the
+    embedding (:func:`embedding_from_hf`, ``pad_default`` the family's default ``pad_token_id``)."""
     return {
         "vocab_size": hf.require("vocab_size"),
         "d_model": hf.require("hidden_size"),
         "n_layers": hf.require("num_hidden_layers"),
         "max_seq_len": hf.require("max_position_embeddings"),
         "tie_embeddings": hf.flag("tie_word_embeddings", False),
+        "embedding": embedding_from_hf(hf, pad_default),
     }
+
+
+def embedding_from_hf(hf: HFConfig, pad_default: int | None, **spec: Any) -> dict[str, Any]:
+    """The embedding spec (``spec`` plus its padding row). transformers builds every family's embedding
+    as ``nn.Embedding(vocab_size, hidden_size, padding_idx=pad_token_id)``: that row is zero at random
+    init and gets no gradient from the lookup. An absent ``pad_token_id`` is the config class default
+    ``pad_default`` (Gemma 3: 0, OLMo 2/3: 1, SmolLM3: 128004), dropped when it does not fit the
+    vocabulary (transformers could not build that model); ``null`` is none; a negative id counts from
+    the end of the vocabulary, as ``nn.Embedding`` does."""
+    vocab = hf.data.get("vocab_size")  # a peek: sizes_from_hf consumes it
+    explicit = "pad_token_id" in hf.data and hf.data["pad_token_id"] is not None
+    pad = get_present(hf, "pad_token_id", pad_default)
+    if pad is not None:
+        if isinstance(pad, bool) or not isinstance(pad, int):
+            raise ConfigError(f"{hf.source}: pad_token_id must be a token id (an integer) or null, got {pad!r}")
+        if isinstance(vocab, int) and not isinstance(vocab, bool):
+            if -vocab <= pad < 0:
+                pad += vocab
+            if not 0 <= pad < vocab:
+                if explicit:
+                    raise ConfigError(
+                        f"{hf.source}: pad_token_id {pad} is outside the vocabulary (vocab_size {vocab}); "
+                        f"transformers cannot build this embedding either: set it below {vocab}, or null"
+                    )
+                pad = None
+    return {"type": "standard", **spec, "padding_idx": pad}
 
 
 def layer_types_from_hf(hf: HFConfig, n_layers: int, default_types: list[str]) -> list[str]:
@@ -236,6 +264,7 @@ def dense_to_hf(cfg: Any) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm.eps,
         "tie_word_embeddings": cfg.tie_embeddings,
+        "pad_token_id": cfg.embedding.padding_idx,
     }
 
 

@@ -18,7 +18,7 @@ from ...config import ModelConfig
 from ...errors import ConfigError, UnsupportedModelError
 from ..weight_map import Ignore, Rename, Rule
 from . import Family, HFConfig, register_family
-from .common import layer_types_from_hf, rope_from_hf, sliding_overrides
+from .common import embedding_from_hf, layer_types_from_hf, rope_from_hf, sliding_overrides
 from .llama import rope_to_hf
 
 GLOBAL_THETA, LOCAL_THETA = 1_000_000.0, 10_000.0
@@ -72,7 +72,7 @@ def gemma3_from_hf(hf: HFConfig) -> dict[str, Any]:
         "max_seq_len": hf.require("max_position_embeddings"),
         "tie_embeddings": hf.flag("tie_word_embeddings", True),
         "logit_softcap": softcap,
-        "embedding": {"type": "standard", "scale": "sqrt_d_model"},
+        "embedding": embedding_from_hf(hf, 0, scale="sqrt_d_model"),  # Gemma3TextConfig: pad_token_id 0
         "attention": {
             "type": "gqa",
             "n_heads": n_heads,
@@ -128,6 +128,7 @@ def gemma3_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm.eps,
         "tie_word_embeddings": cfg.tie_embeddings,
+        "pad_token_id": cfg.embedding.padding_idx,
         "query_pre_attn_scalar": int(round(scale**-2)) if abs(scale**-2 - round(scale**-2)) < 1e-6 else scale**-2,
         "sliding_window": local.attention.window if local is not None else None,
         "layer_types": ["full_attention" if layer.attention.window is None else "sliding_attention" for layer in layers],

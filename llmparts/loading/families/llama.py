@@ -9,7 +9,8 @@ from . import Family, HFConfig, register_family
 from .common import dense_to_hf, llama_rules, rope_from_hf, sizes_from_hf
 
 
-def llama_core(hf: HFConfig, default_eps: float = 1e-6, default_theta: float = 10000.0) -> dict[str, Any]:
+def llama_core(hf: HFConfig, default_eps: float = 1e-6, default_theta: float = 10000.0,
+               pad_default: int | None = None) -> dict[str, Any]:
     """Fields shared by Llama-layout configs (Llama, Qwen3, Mistral, SmolLM3)."""
     n_heads = hf.require("num_attention_heads")
     head_dim = hf.get("head_dim")
@@ -17,7 +18,7 @@ def llama_core(hf: HFConfig, default_eps: float = 1e-6, default_theta: float = 1
     mlp_bias = hf.flag("mlp_bias", False)
     attention_bias = hf.flag("attention_bias", False)
     return {
-        **sizes_from_hf(hf),
+        **sizes_from_hf(hf, pad_default),
         "attention": {
             "type": "gqa",
             "n_heads": n_heads,

@@ -30,7 +30,7 @@ def olmo_core(hf: HFConfig) -> dict[str, Any]:
     # OLMo 1's q/k/v clipping: transformers' OLMo 2/3 never apply it, so only null is the same network
     hf.expect("clip_qkv", (None,), "q/k/v clipping is not part of OLMo 2/3 in transformers")
     return {
-        **sizes_from_hf(hf),
+        **sizes_from_hf(hf, pad_default=1),  # Olmo2Config / Olmo3Config: pad_token_id 1
         "attention": {
             "type": "gqa",
             "n_heads": n_heads,

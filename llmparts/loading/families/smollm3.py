@@ -42,7 +42,7 @@ def no_rope_flags(hf: HFConfig, n: int) -> list[int]:
 
 
 def smollm3_from_hf(hf: HFConfig) -> dict[str, Any]:
-    cfg = llama_core(hf, default_eps=1e-6, default_theta=2_000_000.0)
+    cfg = llama_core(hf, default_eps=1e-6, default_theta=2_000_000.0, pad_default=128004)
     cfg["tie_embeddings"] = hf.flag("tie_word_embeddings", True)  # SmolLM3Config ties by default
     n = cfg["n_layers"]
     flags = no_rope_flags(hf, n)
@@ -88,9 +88,9 @@ def smollm3_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         sliding_window=windows[0] if windows else None,
         layer_types=["full_attention" if layer.attention.window is None else "sliding_attention" for layer in layers],
     )
-    # SmolLM3Config's default token ids (pad 128004, bos 128000, eos 128001) do not fit a smaller
-    # vocabulary (transformers then fails building the embedding): say there are none
-    for key, default in (("pad_token_id", 128004), ("bos_token_id", 128000), ("eos_token_id", 128001)):
+    # SmolLM3Config's default bos / eos ids (128000, 128001) do not fit a smaller vocabulary: say there
+    # are none (pad_token_id, the embedding's padding row, is always written)
+    for key, default in (("bos_token_id", 128000), ("eos_token_id", 128001)):
         if default >= cfg.vocab_size:
             out.setdefault(key, None)
     return out
