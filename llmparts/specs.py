@@ -474,7 +474,8 @@ class EmbeddingSpec(Spec):
         vocab = ctx["vocab_size"]
         if self.padding_idx is not None and not 0 <= self.padding_idx < vocab:
             raise ConfigError(f"{path}.padding_idx must be a token id in [0, vocab_size {vocab}) or null, "
-                              f"got {self.padding_idx}")
+                              f"got {self.padding_idx}; with a smaller vocab_size, also override "
+                              "embedding.padding_idx (null: no padding row)")
         return self
 
 

@@ -21,6 +21,7 @@ from conftest import save_hf
 from llmparts import ConfigError, build_model
 from llmparts.loading.export import save_pretrained
 from test_families import CASES as DENSE
+from test_gguf import V as GGUF_VOCAB, tiny_llama, write_llama_gguf  # noqa: F401 (tiny_llama: a fixture)
 from test_moe_families import CASES as MOE
 
 PAD = 7
@@ -93,6 +94,10 @@ def test_negative_pad_counts_from_the_end_and_defaults_that_do_not_fit_are_none(
     make("llama", tmp_path / "neg", pad_token_id=-1)
     assert llmparts.load_pretrained(tmp_path / "neg").config.embedding.padding_idx == VOCAB - 1
     assert reference(tmp_path / "neg").model.embed_tokens.padding_idx == VOCAB - 1
+    cfg = json.loads((tmp_path / "neg" / "config.json").read_text())
+    cfg["vocab_size"] = float(VOCAB)  # an integer written as a float: still counted from the end
+    (tmp_path / "neg" / "config.json").write_text(json.dumps(cfg))
+    assert llmparts.load_pretrained(tmp_path / "neg").config.embedding.padding_idx == VOCAB - 1
     # SmolLM3Config's default pad id 128004 does not fit a 320-token vocabulary (transformers fails to
     # build such a model): absent from config.json, it means no padding row
     make("smollm3-tied", tmp_path / "smol", pad_token_id=None)
@@ -136,3 +141,31 @@ def test_export_writes_the_padding_row(family, config, tmp_path):
     assert json.loads((out / "config.json").read_text())["pad_token_id"] == pad
     assert reference(out).model.embed_tokens.padding_idx == pad
     assert llmparts.load_pretrained(out).config.embedding == model.config.embedding
+
+
+def test_shrinking_a_config_with_a_padding_row_says_what_to_override():
+    with pytest.raises(ConfigError, match=r"got 199999; with a smaller vocab_size, also override embedding\.padding_idx"):
+        llmparts.load_config("gpt-oss-20b", ["vocab_size=300"])
+    assert llmparts.load_config("gpt-oss-20b", ["vocab_size=300", "embedding.padding_idx=null"]).embedding.padding_idx is None
+
+
+def test_gguf_padding_token_is_the_padding_row_unless_outside_the_vocabulary(tiny_llama, tmp_path):
+    inside = write_llama_gguf(tmp_path / "in.gguf", tiny_llama, extra={"tokenizer.ggml.padding_token_id": 5})
+    assert llmparts.load_pretrained(inside).config.embedding.padding_idx == 5
+    assert transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="in.gguf", dtype=torch.float32).model.embed_tokens.padding_idx == 5
+    # transformers refuses this file (Padding_idx must be within num_embeddings); the padding token is tokenizer
+    # metadata that generation never needs, so llmparts loads it without a padding row, with a warning
+    outside = write_llama_gguf(tmp_path / "out.gguf", tiny_llama, extra={"tokenizer.ggml.padding_token_id": GGUF_VOCAB})
+    with pytest.warns(UserWarning, match=f"padding_token_id {GGUF_VOCAB} is outside the vocabulary"):
+        model = llmparts.load_pretrained(outside)
+    assert model.config.embedding.padding_idx is None and "pad_token_id" not in model.generation_config
+
+
+def test_export_refuses_an_extra_pad_token_id_that_is_not_the_padding_row(tmp_path):
+    model = build_model("tiny/qwen3")
+    with pytest.raises(ConfigError, match="extra_config pad_token_id 5 would give the embedding a padding row"):
+        save_pretrained(model, tmp_path, "qwen3", extra_config={"pad_token_id": 5})
+    out = save_pretrained(build_model("tiny/qwen3", ["embedding.padding_idx=5"]), tmp_path, "qwen3",
+                          extra_config={"pad_token_id": 5, "bos_token_id": 1})
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == 5

@@ -90,7 +90,14 @@ def save_pretrained(model: CausalLM, out_dir: str | Path, model_type: str | None
     except (AttributeError, TypeError) as e:  # a component this family's config.json has no field for
         raise ConfigError(f"save_pretrained: this model cannot be written as model_type {model_type!r}: its "
                           f"config uses components that family does not have ({e})") from None
-    cfg.update(extra_config or {})
+    extra = dict(extra_config or {})
+    if "pad_token_id" in extra and extra["pad_token_id"] != model.config.embedding.padding_idx:
+        raise ConfigError(
+            f"save_pretrained: extra_config pad_token_id {extra['pad_token_id']!r} would give the embedding a padding "
+            f"row other than the model's (embedding.padding_idx {model.config.embedding.padding_idx!r}; transformers "
+            "builds nn.Embedding(padding_idx=pad_token_id)): drop pad_token_id from extra_config (it is written from "
+            "the model), or build the model with embedding.padding_idx set to it")
+    cfg.update(extra)
     _check_expressible(model.config, cfg, model_type)
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import struct
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,13 @@ def _common_config(f: "GGUFFile") -> dict[str, Any]:
                       ("pad_token_id", "tokenizer.ggml.padding_token_id")):
         if f.meta(meta, None) is not None:
             cfg[key] = f.meta_int(meta)
+    pad, vocab = cfg.get("pad_token_id"), cfg.get("vocab_size")
+    if pad is not None and isinstance(vocab, int) and not -vocab <= pad < vocab:
+        # config.json's pad_token_id makes the embedding's padding row; a GGUF's padding token is tokenizer
+        # metadata (transformers refuses such a file). Generation never needs that row: load without one.
+        warnings.warn(f"{f.path}: tokenizer.ggml.padding_token_id {pad} is outside the vocabulary ({vocab} tokens); "
+                      "the embedding gets no padding row", stacklevel=2)
+        del cfg["pad_token_id"]
     return cfg
 
 

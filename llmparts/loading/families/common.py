@@ -124,7 +124,9 @@ def embedding_from_hf(hf: HFConfig, pad_default: int | None, **spec: Any) -> dic
     ``pad_default`` (Gemma 3: 0, OLMo 2/3: 1, SmolLM3: 128004), dropped when it does not fit the
     vocabulary (transformers could not build that model); ``null`` is none; a negative id counts from
     the end of the vocabulary, as ``nn.Embedding`` does."""
-    vocab = hf.data.get("vocab_size")  # a peek: sizes_from_hf consumes it
+    vocab = hf.data.get("vocab_size")  # a peek: sizes_from_hf consumes (and checks) it
+    if isinstance(vocab, float) and vocab.is_integer():
+        vocab = int(vocab)
     explicit = "pad_token_id" in hf.data and hf.data["pad_token_id"] is not None
     pad = get_present(hf, "pad_token_id", pad_default)
     if pad is not None:
