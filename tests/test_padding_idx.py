@@ -164,7 +164,8 @@ def test_gguf_padding_token_is_the_padding_row_unless_outside_the_vocabulary(tin
 
 def test_export_refuses_an_extra_pad_token_id_that_is_not_the_padding_row(tmp_path):
     model = build_model("tiny/qwen3")
-    with pytest.raises(ConfigError, match="extra_config pad_token_id 5 would give the embedding a padding row"):
+    with pytest.raises(ConfigError, match=r"extra_config changes the model .*embedding\.padding_idx: None -> 5\); "
+                                          "drop those keys from extra_config"):
         save_pretrained(model, tmp_path, "qwen3", extra_config={"pad_token_id": 5})
     out = save_pretrained(build_model("tiny/qwen3", ["embedding.padding_idx=5"]), tmp_path, "qwen3",
                           extra_config={"pad_token_id": 5, "bos_token_id": 1})

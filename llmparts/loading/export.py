@@ -41,20 +41,29 @@ def hf_state_names(model: CausalLM, model_type: str) -> dict[str, str]:
     return out
 
 
-def _check_expressible(config: ModelConfig, hf: dict[str, Any], model_type: str) -> None:
-    """Read the written config back; refuse to export a model the format cannot describe exactly."""
-    family = family_for(model_type)
-    back = ModelConfig.from_dict(family.config_from_hf(HFConfig(dict(hf), "exported config")))
+def _check_expressible(config: ModelConfig, hf: dict[str, Any], model_type: str,
+                       extra: dict[str, Any] | None = None) -> None:
+    """Read the written config back; refuse to export a model the format cannot describe exactly, or
+    whose ``extra`` config.json keys (``save_pretrained``'s ``extra_config``) would change it."""
+    for written, fix in ((hf, "pick the family that has these features"),
+                         ({**hf, **extra} if extra else None, "drop those keys from extra_config (the model's own "
+                          "values are written), or build the model with them")):
+        diffs = _config_diffs(config, written, model_type) if written is not None else []
+        if diffs:
+            cause = "this model cannot be written" if written is hf else "extra_config changes the model when"
+            raise ConfigError(
+                f"{cause} as model_type {model_type!r} (the model's value, then what the written config.json "
+                f"means: {'; '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''}); {fix}"
+            )
+
+
+def _config_diffs(config: ModelConfig, hf: dict[str, Any], model_type: str) -> list[str]:
+    """Where the network ``hf`` (a config.json dict of ``model_type``) describes differs from ``config``."""
+    back = ModelConfig.from_dict(family_for(model_type).config_from_hf(HFConfig(dict(hf), "exported config")))
     fields = ("vocab_size", "d_model", "n_layers", "max_seq_len", "tie_embeddings", "logit_softcap", "embedding", "final_norm")
     diffs = [d for f in fields for d in _spec_diffs(f, getattr(config, f), getattr(back, f))]
-    diffs += [d for i, (ours, written) in enumerate(zip(config.layers, back.layers))
-              for d in _spec_diffs(f"layers[{i}]", ours, written)]
-    if diffs:
-        raise ConfigError(
-            f"this model cannot be written as model_type {model_type!r} without changing it (the model's value, "
-            f"then what {model_type} would record: {'; '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''}); "
-            "pick the family that has these features"
-        )
+    return diffs + [d for i, (ours, written) in enumerate(zip(config.layers, back.layers))
+                    for d in _spec_diffs(f"layers[{i}]", ours, written)]
 
 
 def _spec_diffs(path: str, ours: Any, written: Any) -> list[str]:
@@ -90,15 +99,8 @@ def save_pretrained(model: CausalLM, out_dir: str | Path, model_type: str | None
     except (AttributeError, TypeError) as e:  # a component this family's config.json has no field for
         raise ConfigError(f"save_pretrained: this model cannot be written as model_type {model_type!r}: its "
                           f"config uses components that family does not have ({e})") from None
-    extra = dict(extra_config or {})
-    if "pad_token_id" in extra and extra["pad_token_id"] != model.config.embedding.padding_idx:
-        raise ConfigError(
-            f"save_pretrained: extra_config pad_token_id {extra['pad_token_id']!r} would give the embedding a padding "
-            f"row other than the model's (embedding.padding_idx {model.config.embedding.padding_idx!r}; transformers "
-            "builds nn.Embedding(padding_idx=pad_token_id)): drop pad_token_id from extra_config (it is written from "
-            "the model), or build the model with embedding.padding_idx set to it")
-    cfg.update(extra)
-    _check_expressible(model.config, cfg, model_type)
+    _check_expressible(model.config, cfg, model_type, extra_config)
+    cfg.update(extra_config or {})
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     out.mkdir(parents=True, exist_ok=True)
     # weights of an earlier save in the same directory would be read instead of (single file next to an
