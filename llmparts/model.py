@@ -19,7 +19,7 @@ from .config import LayerSpec, ModelConfig, load_config
 from .errors import ConfigError, ContextLengthError, InputError
 from .kv_cache import KVCache, StepPlan, plan_without_cache
 from .modules import build
-from .modules.linear import MATVEC_MAX_ROWS, Linear
+from .modules.linear import MATVEC_MAX_ROWS, UPCAST_MIN_ROWS, Linear
 from .modules.position import Tables
 
 
@@ -374,8 +374,8 @@ class CausalLM(nn.Module):
         if any(getattr(b.mlp, "compilable", True) is not True for b in self.layers):
             prefill = None  # MoE: prefill dispatch is data-dependent; compiled pieces around it measured slower
 
-        def trial() -> list[torch.Tensor]:  # a prefill longer than MATVEC_MAX_ROWS, then two decode steps
-            n = MATVEC_MAX_ROWS + 2
+        def trial() -> list[torch.Tensor]:  # a prefill of more than MATVEC_MAX_ROWS and UPCAST_MIN_ROWS
+            n = max(MATVEC_MAX_ROWS, UPCAST_MIN_ROWS) + 2  # rows (as most prompts), then two decode steps
             ids = torch.arange(n + 2, device=self.device)[None] % self.config.vocab_size
             cache = self.make_cache(1, n + 2)
             return [self(ids[:, :n], cache=cache, last_only=True), self(ids[:, n : n + 1], cache=cache),

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..registry import register_module
 from ..specs import GatedMLPSpec, MoESpec
-from .linear import MATVEC_MAX_ROWS, linear, materialized
+from .linear import MATVEC_MAX_ROWS, emulated_half, linear, materialized
 from .mlp import ACTIVATIONS, GatedMLP
 
 
@@ -284,7 +284,8 @@ class Experts(nn.Module):
         """x (N, D), ids (N, k), weights (N, k) -> sum over k of weight * expert(x), (N, D) in x.dtype.
 
         The N*k (token, slot) pairs are sorted by expert. For many rows without gradients (prefill),
-        all experts run as grouped matmuls over the sorted rows; otherwise each expert that got any
+        all experts run as grouped matmuls over the sorted rows (except in half precision on a CPU
+        that only emulates it, :func:`~llmparts.modules.linear.emulated_half`); otherwise each expert that got any
         tokens runs once on the rows gathered for it (in increasing id order, as transformers' eager
         loop). Weighted outputs are added back with ``index_add_``.
         """
@@ -295,7 +296,8 @@ class Experts(nn.Module):
         pair_w = weights.reshape(-1)[order]  # (N*k,)
         counts_t = torch.bincount(flat, minlength=self.spec.n_experts)
         if (flat.numel() >= GROUPED_MIN_ROWS and hasattr(F, "grouped_mm") and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and x.dtype in (torch.float32, torch.bfloat16)):
+                and not torch.compiler.is_compiling() and x.dtype in (torch.float32, torch.bfloat16)
+                and not emulated_half(x)):  # there the loop's linear() multiplies in float32, a slice at a time
             y = self._grouped(x[tokens], counts_t)  # (N*k, D)
             return torch.zeros_like(x).index_add_(0, tokens, (y * pair_w[:, None]).to(x.dtype))
         counts = counts_t.tolist()  # one host sync
