@@ -64,7 +64,28 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak RSS since it started or since :func:`reset_peak_rss`: Linux's ``VmHWM``.
+    Not ``ru_maxrss``: Linux keeps in it the RSS a process had before ``exec``, its parent's at the
+    fork, so a worker spawned by a parent holding a freshly built checkpoint reported the parent's
+    size as its own load peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def reset_peak_rss() -> None:
+    """Reset the peak (``VmHWM``) to the current RSS (Linux 4.0+; elsewhere a no-op), so that imports
+    before a measurement do not count in it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _sync(device: str) -> None:
@@ -243,6 +264,7 @@ def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: li
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_rss()
     rss0 = current_rss()
     t0 = time.perf_counter()
     if framework == "llmparts":

@@ -17,10 +17,8 @@ import sys
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time, torch
-def rss_kb():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+import json, sys, time, torch
+from llmparts.bench import current_rss, peak_rss, reset_peak_rss  # VmHWM: not the parent's RSS (see peak_rss)
 which, path, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
 if which == "llmparts":
     import llmparts
@@ -28,11 +26,12 @@ if which == "llmparts":
 else:
     import transformers
     load = lambda: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-base = rss_kb()
+reset_peak_rss()
+base = current_rss() // 1024
 t = time.perf_counter()
 model = load()
 seconds = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = peak_rss() // 1024
 nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps({"base_kb": base, "peak_kb": peak, "weights_bytes": nbytes, "seconds": seconds}))
 """

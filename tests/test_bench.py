@@ -10,7 +10,10 @@ from llmparts import bench
 
 
 def test_bench_runs_both_libraries_and_writes_json(tmp_path, monkeypatch, capsys):
+    import torch
+
     monkeypatch.setattr(bench, "CACHE", tmp_path / "cache")
+    ballast = torch.ones(64 * 2**20)  # 256 MB resident in this (parent) process while the workers run
     out = tmp_path / "bench.json"
     assert bench.main(["tiny/qwen3", "--dtype", "float32", "--repeats", "1", "--prefill", "8,16",
                        "--new-tokens", "40", "--contexts", "24", "--json", str(out)]) == 0
@@ -21,6 +24,8 @@ def test_bench_runs_both_libraries_and_writes_json(tmp_path, monkeypatch, capsys
         assert r["decode_tok_s"] > 0 and set(r["context_tok_s"]) == {"24"}
         assert len(r["bandwidth_samples"]) == 3  # before, after token 32, after the decode
         assert r["bandwidth"] > 0 and r["load_peak_rss"] > 0
+        # A worker's load peak is its own: Linux's ru_maxrss would hold the parent's RSS at the fork
+        assert r["load_peak_rss"] < 128 * 2**20, r["load_peak_rss"]
         assert len(r["weight_read_samples"]) == 3 and r["weight_read"] > 0
         assert r["load_peak_device_memory"] is None  # (CUDA only)
     summary = res["summary"]
@@ -29,6 +34,7 @@ def test_bench_runs_both_libraries_and_writes_json(tmp_path, monkeypatch, capsys
             "load_s"} <= set(summary["llmparts"]) & set(summary["transformers"])
     assert "load_peak_gpu_mem/weights" not in summary["llmparts"]
     assert "decode_tok_s" in capsys.readouterr().out  # the printed table
+    del ballast
 
 
 def test_weight_storages_count_shared_weights_once():
