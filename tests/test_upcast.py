@@ -84,9 +84,9 @@ def _tiny(name: str, dtype: torch.dtype) -> llmparts.CausalLM:
 
 @pytest.mark.parametrize("name", ["qwen3", "qwen3-moe"])
 def test_model_prefill_logits_with_and_without_upcast(monkeypatch, emulated, name):
-    """A bfloat16 prefill through the float32 products against the native ones and against a
-    float32 model with the same (bfloat16) weights: both half-precision paths are as close to it;
-    MoE experts take the per-expert loop (no grouped matmul) when emulated."""
+    """A bfloat16 prefill through the float32 products and through the native ones, against a
+    float32 model with the same (bfloat16) weights: both within bfloat16 error of it; MoE experts
+    take the per-expert loop (no grouped matmul) when emulated."""
     model = _tiny(name, torch.bfloat16)
     ref_model = _tiny(name, torch.bfloat16).float()
     ids = torch.randint(0, model.config.vocab_size, (2, max(GROUPED_MIN_ROWS, 2 * L.UPCAST_MIN_ROWS)))
