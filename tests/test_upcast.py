@@ -41,6 +41,13 @@ def test_upcast_linear_is_the_float32_product_rounded(monkeypatch, dtype, chunk,
     assert torch.equal(got, F.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype))
 
 
+@pytest.mark.parametrize("out,inp", [(0, 24), (40, 0)])
+def test_upcast_linear_empty_weights(out, inp):
+    x = torch.randn(3, inp).to(torch.bfloat16)
+    w = torch.randn(out, inp).to(torch.bfloat16)
+    assert torch.equal(L.upcast_linear(x, w), F.linear(x, w))
+
+
 def _spy(monkeypatch):
     calls = []
     real = L.upcast_linear

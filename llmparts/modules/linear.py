@@ -49,8 +49,9 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     :data:`UPCAST_CHUNK` values (a slice of output features) at a time."""
     xf = x.float()
     step = max(1, UPCAST_CHUNK // max(1, weight.shape[-1]))
+    starts = range(0, max(1, weight.shape[0]), step)  # (one empty slice for a weight without rows)
     parts = [F.linear(xf, weight[i : i + step].float(), None if bias is None else bias[i : i + step].float())
-             .to(x.dtype) for i in range(0, weight.shape[0], step)]
+             .to(x.dtype) for i in starts]
     return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
 
