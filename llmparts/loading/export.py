@@ -45,16 +45,18 @@ def _check_expressible(config: ModelConfig, hf: dict[str, Any], model_type: str,
                        extra: dict[str, Any] | None = None) -> None:
     """Read the written config back; refuse to export a model the format cannot describe exactly, or
     whose ``extra`` config.json keys (``save_pretrained``'s ``extra_config``) would change it."""
-    for written, fix in ((hf, "pick the family that has these features"),
-                         ({**hf, **extra} if extra else None, "drop those keys from extra_config (the model's own "
-                          "values are written), or build the model with them")):
-        diffs = _config_diffs(config, written, model_type) if written is not None else []
-        if diffs:
-            cause = "this model cannot be written" if written is hf else "extra_config changes the model when"
-            raise ConfigError(
-                f"{cause} as model_type {model_type!r} (the model's value, then what the written config.json "
-                f"means: {'; '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''}); {fix}"
-            )
+    _refuse(_config_diffs(config, hf, model_type), f"this model cannot be written as model_type {model_type!r}",
+            "pick the family that has these features")
+    if extra:
+        _refuse(_config_diffs(config, {**hf, **extra}, model_type),
+                f"extra_config changes the model when written as model_type {model_type!r}",
+                "drop those keys from extra_config (the model's own values are written), or build the model with them")
+
+
+def _refuse(diffs: list[str], cause: str, fix: str) -> None:
+    if diffs:
+        raise ConfigError(f"{cause} (the model's value, then what the written config.json means: "
+                          f"{'; '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''}); {fix}")
 
 
 def _config_diffs(config: ModelConfig, hf: dict[str, Any], model_type: str) -> list[str]:
