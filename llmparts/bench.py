@@ -1,7 +1,8 @@
 """Benchmark llmparts against transformers in one run (``llmparts bench``, ``scripts/benchmark.py``).
 
 For a shipped config (random weights, written once as a safetensors checkpoint per dtype), one of
-the built-in small MoE / MLA models, or any checkpoint directory, it measures both libraries on the
+the built-in small MoE / MLA models, or any checkpoint directory or GGUF file (both libraries
+dequantize it to the benchmarked dtype), it measures both libraries on the
 same files, with the same threads and dtype, alternating them run by run, each run in a fresh
 process:
 
@@ -40,6 +41,8 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PREFILL_TIMED_S = 1.0  # each prefill length is timed over at least this long (3 to 10 prompts), best taken
+DECODE_PROMPT = 128  # prompt tokens before the timed decode
+CONTEXT_TOKENS = 16  # tokens decoded (and timed) after each --contexts prompt
 CACHE = Path(os.environ.get("LLMPARTS_BENCH_CACHE", Path.home() / ".cache" / "llmparts" / "bench"))
 
 # Small MoE / MLA models built by transformers itself (families llmparts cannot export).
@@ -143,18 +146,18 @@ def measure_weight_read(storages: list[torch.Tensor], repeats: int = 2, device: 
     return best
 
 
-def warm_page_cache(directory: Path) -> None:
+def warm_page_cache(checkpoint: Path) -> None:
     """Read every weight file once, so that neither library's load time includes the disk."""
-    for f in sorted(directory.glob("*.safetensors")):
+    for f in [checkpoint] if checkpoint.is_file() else sorted(checkpoint.glob("*.safetensors")):
         with open(f, "rb") as fh:
             while fh.read(64 * 2**20):
                 pass
 
 
 def prepare_checkpoint(name: str, dtype: str, cache: Path | None = None) -> Path:
-    """A checkpoint directory for ``name``: an existing directory, a built-in model, or a shipped config
+    """A checkpoint for ``name``: an existing directory or GGUF file, a built-in model, or a shipped config
     with random weights (seed 0), written once per dtype under ``cache`` (default :data:`CACHE`)."""
-    if Path(name).is_dir():
+    if Path(name).is_dir() or Path(name).is_file():
         return Path(name)
     out = (cache or CACHE) / f"{name}-{dtype}"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
@@ -275,7 +278,9 @@ def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: li
     else:
         import transformers
 
-        model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=DTYPES[dtype], device_map=device).eval()
+        where = dict(pretrained_model_name_or_path=ckpt.parent, gguf_file=ckpt.name) if ckpt.is_file() else \
+            dict(pretrained_model_name_or_path=ckpt)  # a GGUF file: dequantized to dtype, as llmparts does
+        model = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=DTYPES[dtype], device_map=device).eval()
         vocab = model.config.vocab_size
     _sync(device)
     load_s = time.perf_counter() - t0
@@ -331,7 +336,7 @@ def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: li
         out["prefill_s"][str(n)] = min(times)
     probe = _BandwidthProbe(threads, device, every=32, storages=weight_storages(model))
     probe.sample()  # (shifts every tick timestamp by the same amount: rates are unaffected)
-    times = timed_generate(ids(128), new_tokens, probe)
+    times = timed_generate(ids(DECODE_PROMPT), new_tokens, probe)
     out["decode_tok_s"] = _rate(times[1:])
     probe.sample()
     out["bandwidth_samples"] = probe.samples  # before, every 32 tokens, after
@@ -339,7 +344,7 @@ def run_worker(framework: str, ckpt: Path, dtype: str, threads: int, prefill: li
     out["weight_read_samples"] = probe.weight_samples
     out["weight_read"] = statistics.mean(probe.weight_samples)
     for c in contexts:
-        times = timed_generate(ids(c), 16)
+        times = timed_generate(ids(c), CONTEXT_TOKENS)
         out["context_tok_s"][str(c)] = _rate(times[1:])
     return out
 
@@ -456,7 +461,8 @@ def _ints(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmparts bench", description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", default="qwen3-0.6b",
-                   help="shipped config name (random weights), built-in small-moe / small-mla, or a checkpoint dir")
+                   help="shipped config name (random weights), built-in small-moe / small-mla, a checkpoint dir "
+                        "or a .gguf file")
     p.add_argument("--dtype", default="float32,bfloat16", help="comma-separated: float32,bfloat16,float16")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--device", default="cpu", help="cpu or cuda (both libraries, same device)")
@@ -473,8 +479,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _max_positions(model: str) -> int:
+    """The positions the benchmarked model holds (its config's max_seq_len)."""
+    from .config import load_config
+    from .loading import config_of
+
+    if Path(model).is_dir() or Path(model).suffix.lower() == ".gguf":
+        return config_of(model).max_seq_len
+    if model in BUILTIN:
+        return BUILTIN[model]["max_position_embeddings"]
+    return load_config(model).max_seq_len
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad arguments (``parser.error``: usage, the flag, its value and the fix; exit status 2)
+    before any checkpoint is written or worker started."""
+    from .errors import LLMPartsError
+
+    dtypes = args.dtype.split(",")
+    if not all(d in DTYPES for d in dtypes):
+        parser.error(f"--dtype {args.dtype!r}: give one or more of {', '.join(DTYPES)}, comma-separated")
+    for flag, value, least in (("--threads", args.threads, 1), ("--repeats", args.repeats, 1),
+                               ("--new-tokens", args.new_tokens, 2)):  # a decode rate needs two tokens
+        if value < least:
+            parser.error(f"{flag} {value}: must be at least {least}")
+    for flag, values in (("--prefill", args.prefill), ("--contexts", args.contexts)):
+        if any(v < 1 for v in values):
+            parser.error(f"{flag} {','.join(map(str, values))}: prompt lengths must be positive")
+    if args.plot and not args.contexts:
+        parser.error(f"--plot {args.plot}: the plot is of the --contexts sweep; add e.g. --contexts 128,512,1024")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        parser.error(f"--device {args.device!r}: use cpu or cuda (cuda:N)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
+    if args.worker:
+        return
+    try:
+        limit = _max_positions(args.model)
+    except LLMPartsError as e:
+        parser.error(f"model {args.model!r}: {e}")
+    needs = [(n + 1, f"--prefill {n}") for n in args.prefill]  # the prompt and one new token
+    needs += [(DECODE_PROMPT + args.new_tokens, f"--new-tokens {args.new_tokens} after a {DECODE_PROMPT}-token prompt")]
+    needs += [(c + CONTEXT_TOKENS, f"--contexts {c} (+{CONTEXT_TOKENS} decoded)") for c in args.contexts]
+    need, what = max(needs)
+    if need > limit:
+        parser.error(f"{what} needs {need} positions; {args.model} holds {limit} (max_seq_len): use shorter lengths")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.worker:
         res = run_worker(args.worker, args.checkpoint, args.dtype, args.threads, args.prefill, args.new_tokens,
                          args.contexts, args.compile, args.device)

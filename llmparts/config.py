@@ -486,6 +486,9 @@ def load_config(source: str | Path | dict[str, Any] | ModelConfig, overrides: li
             data = yaml_load(path.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a YAML config (not text); a checkpoint (a .gguf file or a model "
+                              f"directory) loads with load_pretrained") from None
         if isinstance(data, dict) and "name" not in data:
             data["name"] = path.stem
         origin = str(path)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from test_gguf import tiny_llama, write_llama_gguf  # noqa: F401 (tiny_llama: a fixture)
+
 from llmparts import bench
 
 
@@ -60,3 +63,50 @@ def test_summary_has_a_gpu_memory_row_for_cuda_runs():
     assert summary["llmparts"]["load_peak_gpu_mem/weights"]["median"] == 1.5
     assert summary["llmparts"]["decode/bound"]["median"] == 0.1  # 10 tok/s against 1e9 / 1e7 = 100
     assert summary["llmparts"]["decode/weight_read_bound"]["median"] == 0.2
+
+
+@pytest.mark.parametrize("args,named", [
+    (["nosuch-model"], "model 'nosuch-model'"),
+    (["tiny/qwen3", "--dtype", "float32,bf16"], "--dtype 'float32,bf16'"),
+    (["tiny/qwen3", "--dtype", ""], "--dtype ''"),
+    (["tiny/qwen3", "--threads", "0"], "--threads 0"),
+    (["tiny/qwen3", "--repeats", "0"], "--repeats 0"),
+    (["tiny/qwen3", "--new-tokens", "1"], "--new-tokens 1"),
+    (["tiny/qwen3", "--prefill", "8,-5"], "--prefill 8,-5"),
+    (["tiny/qwen3", "--contexts", "0"], "--contexts 0"),
+    (["tiny/qwen3", "--contexts", "600"], "--contexts 600 (+16 decoded) needs 616 positions; tiny/qwen3 holds 512"),
+    (["tiny/qwen3", "--prefill", "512"], "--prefill 512 needs 513 positions"),
+    (["tiny/qwen3", "--new-tokens", "400"], "--new-tokens 400 after a 128-token prompt needs 528 positions"),
+    (["tiny/qwen3", "--plot", "x.png"], "--plot x.png"),
+    (["tiny/qwen3", "--device", "tpu"], "--device 'tpu'"),
+])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, monkeypatch, capsys, args, named):
+    monkeypatch.setattr(bench, "CACHE", tmp_path / "cache")
+    with pytest.raises(SystemExit) as e:
+        bench.main(args)
+    assert e.value.code == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # no checkpoint written, no worker started
+
+
+def test_a_binary_file_is_not_taken_for_a_config(tmp_path, capsys):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(bytes(range(256)))
+    with pytest.raises(SystemExit):
+        bench.main([str(f)])
+    assert "not a YAML config (not text)" in capsys.readouterr().err
+
+
+def test_bench_runs_a_gguf_file_in_both_libraries(tmp_path, monkeypatch, tiny_llama):
+    """A GGUF checkpoint: llmparts and transformers (its gguf_file loader) both dequantize it."""
+    path = write_llama_gguf(tmp_path / "tiny.gguf", tiny_llama)
+    monkeypatch.setattr(bench, "CACHE", tmp_path / "cache")
+    out = tmp_path / "bench.json"
+    assert bench.main([str(path), "--dtype", "float32", "--repeats", "1", "--prefill", "8", "--new-tokens", "8",
+                       "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["float32"]
+    assert res["checkpoint"] == str(path) and not (tmp_path / "cache").exists()
+    runs = {r["framework"]: r for r in res["runs"]}
+    assert set(runs) == {"llmparts", "transformers"}
+    assert runs["llmparts"]["weight_bytes"] == runs["transformers"]["weight_bytes"] > 0  # the same float32 weights
+    assert all(r["decode_tok_s"] > 0 for r in runs.values())
