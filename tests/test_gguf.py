@@ -3,6 +3,9 @@ transformers' own GGUF loader), quantized tensors dequantized, bad files refused
 
 from __future__ import annotations
 
+import gc
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -101,7 +104,7 @@ K_QUANT_F16_FIELDS = {"Q4_K": (144, (0, 2)), "Q6_K": (210, (208,))}  # block byt
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K", "F16", "BF16"])
-def test_quantized_tensors_dequantize_like_gguf(tiny_llama, tmp_path, qtype):
+def test_quantized_tensors_dequantize_like_gguf(tiny_llama, tmp_path, qtype, monkeypatch):
     q = getattr(gguf.GGMLQuantizationType, qtype)
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((8, 512)).astype(np.float32)  # K-quants need 256-wide rows
@@ -122,6 +125,29 @@ def test_quantized_tensors_dequantize_like_gguf(tiny_llama, tmp_path, qtype):
         assert np.abs(got.numpy() - ref).max() < 0.05  # and it is a faithful approximation
     with pytest.raises(CheckpointError, match="unexpected tensors.*\\n.*extra.weight"):
         llmparts.load_pretrained(path)  # the strict check still applies to GGUF files
+    # read_into: a few whole rows at a time (here 3, 3, 2), into float32 and into bfloat16
+    monkeypatch.setattr(llmparts.loading.gguf, "DEQUANT_CHUNK", 3 * 512)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.full((8, 512), float("nan"), dtype=dtype)
+        f.read_into("extra.weight", out)
+        assert torch.equal(out, torch.from_numpy(expected.astype(np.float32)).to(dtype))
+
+
+def test_chunked_reads_load_the_same_model(tiny_llama, tmp_path, monkeypatch):
+    """Tensors dequantized a row at a time (q/k, which llama.cpp permutes, whole) equal whole reads."""
+    Q = gguf.GGMLQuantizationType
+    path = write_llama_gguf(tmp_path / "m.gguf", tiny_llama, qtypes={
+        "token_embd.weight": Q.Q8_0, "blk.0.attn_q.weight": Q.Q8_0, "blk.0.attn_k.weight": Q.Q4_1,
+        "blk.0.ffn_up.weight": Q.Q5_0, "blk.1.ffn_down.weight": Q.Q4_1, "output.weight": Q.Q8_0})
+    whole = llmparts.load_pretrained(path, dtype=torch.bfloat16)
+    calls = []
+    real = llmparts.loading.gguf.dequantize
+    monkeypatch.setattr(llmparts.loading.gguf, "dequantize", lambda raw, q, shape: calls.append(shape) or real(raw, q, shape))
+    monkeypatch.setattr(llmparts.loading.gguf, "DEQUANT_CHUNK", D)  # one row of the d_model-wide tensors
+    rows = llmparts.load_pretrained(path, dtype=torch.bfloat16)
+    for (name, a), b in zip(whole.state_dict().items(), rows.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (1, D) in calls and (H * HD, D) in calls  # row reads, and the whole q/k
 
 
 def test_unsupported_quantization_type_is_refused(tiny_llama, tmp_path):
@@ -140,6 +166,25 @@ def test_unknown_metadata_is_refused(tiny_llama, tmp_path):
     path = write_llama_gguf(tmp_path / "m.gguf", tiny_llama, extra={"llama.expert_count": 8})
     with pytest.raises(UnsupportedModelError, match="llama.expert_count"):
         llmparts.load_pretrained(path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_the_file_is_read_not_kept_mapped(tiny_llama, tmp_path):
+    """Mapped pages would count in the process's memory until the end, the quantized file on top of the
+    dequantized weights: the file is parsed from a mapping that is let go, and tensors are read."""
+    from llmparts.loading.gguf_format import GGUFContainer
+
+    path = write_llama_gguf(tmp_path / "m.gguf", tiny_llama, qtypes={"blk.0.ffn_up.weight": gguf.GGMLQuantizationType.Q8_0})
+    c = GGUFContainer(path)
+    gc.collect()
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    raw = path.read_bytes()
+    for info in c.tensors.values():
+        assert c.data(info).tobytes() == raw[info.offset : info.offset + info.nbytes]
+    model = llmparts.load_pretrained(path)
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    ref = {n: p.detach() for n, p in tiny_llama.named_parameters()}
+    torch.testing.assert_close(model.layers[1].mlp.down_proj.weight, ref["model.layers.1.mlp.down_proj.weight"])
 
 
 def test_not_a_gguf_and_truncated(tiny_llama, tmp_path):

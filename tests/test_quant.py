@@ -47,9 +47,9 @@ def random_mxfp4(*shape, lo=0, hi=255):
 
 # ------------------------------------------------------------------------------- MXFP4 numerics
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("chunk", [quant._CHUNK, 96])  # 96: many chunks, the last one partial
+@pytest.mark.parametrize("chunk", [quant.DEQUANT_CHUNK, 96])  # 96: many chunks, the last one partial
 def test_mxfp4_matches_transformers(dtype, chunk, monkeypatch):
-    monkeypatch.setattr(quant, "_CHUNK", chunk)
+    monkeypatch.setattr(quant, "DEQUANT_CHUNK", chunk)
     blocks, scales = random_mxfp4(3, 10, 4, lo=0, hi=256)  # every scale byte, 255 (inf/NaN) included
     ref = convert_moe_packed_tensors(blocks, scales, dtype=dtype)  # (E, in, out)
     ours = dequantize_mxfp4(blocks, scales, dtype)  # (E, out, in)
@@ -118,7 +118,7 @@ def test_fp8_matches_transformers_load_path(dtype):
 def test_fp8_partial_blocks_match_transformers_formula(shape, block, monkeypatch):
     # _dequantize_fp8_weight (transformers' backward path) handles partial edge blocks; in float32 it is
     # the documented formula W[r, c] = W8[r, c] * scale_inv[r // bo, c // bi] in one rounding
-    monkeypatch.setattr(quant, "_CHUNK", 1)  # one row block per chunk
+    monkeypatch.setattr(quant, "DEQUANT_CHUNK", 1)  # one row block per chunk
     w = random_fp8(*shape)
     s = torch.rand(quant._fp8_grid(shape, block)) * 0.01
     ref = _dequantize_fp8_weight(w, s, list(block), torch.float32)

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import CheckpointError, UnsupportedModelError
 from .gguf_format import GGUFContainer, GGUFFormatError, TensorInfo
+from .quant import DEQUANT_CHUNK
 
 _TYPE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K")
 
@@ -66,11 +67,18 @@ class GGUFArch:
     config: Callable[["GGUFFile"], dict[str, Any]]
     convert: Callable[["GGUFFile", str, np.ndarray], np.ndarray] = lambda f, name, a: a
     known_keys: tuple[str, ...] = field(default=())
+    # GGUF tensor names whose conversion needs all their rows at once; the others are converted (and
+    # dequantized) a few rows at a time, straight into the parameter (GGUFFile.read_into)
+    whole: Callable[[str], bool] = lambda name: False
+
+
+def _llama_qk(name: str) -> bool:
+    return ".attn_q." in name or ".attn_k." in name
 
 
 def _llama_unpermute(f: "GGUFFile", name: str, a: np.ndarray) -> np.ndarray:
     # llama.cpp's convert script permutes q/k rows so its interleaved RoPE matches HF's half layout
-    if ".attn_q." in name or ".attn_k." in name:
+    if _llama_qk(name):  # (rows regrouped within each head: the whole tensor at once)
         n_head = f.meta(f"{f.arch}.attention.head_count")
         if ".attn_k." in name:
             n_head = f.meta(f"{f.arch}.attention.head_count_kv", n_head)
@@ -183,7 +191,7 @@ def _gemma3_config(f: "GGUFFile") -> dict[str, Any]:
 
 ARCHS: dict[str, GGUFArch] = {
     "llama": GGUFArch("llama", {**_BLOCK_NAMES, "ffn_norm": "post_attention_layernorm"}, _llama_config,
-                      _llama_unpermute, _COMMON_KEYS),
+                      _llama_unpermute, _COMMON_KEYS, _llama_qk),
     "gemma3": GGUFArch(
         "gemma3_text",
         {**_BLOCK_NAMES, "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
@@ -273,6 +281,31 @@ class GGUFFile:
         shape = self.shapes[hf_name]
         a = dequantize(self.container.data(t), t.type, shape)
         return torch.from_numpy(np.ascontiguousarray(self.spec.convert(self, t.name, a), dtype=np.float32))
+
+    def read_into(self, hf_name: str, out: torch.Tensor) -> None:
+        """Tensor ``hf_name`` dequantized into ``out`` (which casts and moves it): whole rows of at most
+        :data:`~llmparts.loading.quant.DEQUANT_CHUNK` values at a time, so that the float32 temporaries
+        stay small next to the weights (a 262k x 640 Q8_0 embedding is 671 MB in float32), except for
+        tensors the family converts whole (:attr:`GGUFArch.whole`)."""
+        t = self._tensors[hf_name]
+        shape = self.shapes[hf_name]
+        cols = shape[-1] if shape else 1
+        rows = out.numel() // max(1, cols)
+        step = max(1, DEQUANT_CHUNK // max(1, cols))
+        if rows <= step or self.spec.whole(t.name) or t.nbytes % rows or not out.is_contiguous():
+            out.copy_(self.tensor(hf_name).view(out.shape))
+            return
+        row_bytes = t.nbytes // rows
+        flat = out.view(rows, cols)
+        for r0 in range(0, rows, step):
+            n = min(step, rows - r0)
+            part = TensorInfo(t.name, t.shape, t.type, t.offset + r0 * row_bytes, n * row_bytes)
+            a = self.spec.convert(self, t.name, dequantize(self.container.data(part), t.type, (n, cols)))
+            flat[r0 : r0 + n].copy_(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)))
+
+    def ordered(self, keys: set[str] | None) -> list[str]:
+        """Keys in file order (sequential reads)."""
+        return [k for k in self._tensors if keys is None or k in keys]
 
     def tensors(self, keys: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._tensors:

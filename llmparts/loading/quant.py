@@ -32,7 +32,7 @@ from .checkpoint import DTYPES
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 MXFP4_GROUP = 32  # values per E8M0 scale (16 bytes of blocks)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-_CHUNK = 1 << 22  # values dequantized at a time (bounds the float32 temporaries to ~16 MiB)
+DEQUANT_CHUNK = 1 << 22  # values dequantized at a time (bounds the float32 temporaries to ~16 MiB)
 
 
 # --------------------------------------------------------------------------------------------- MXFP4
@@ -63,7 +63,7 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     lut = torch.tensor(FP4_VALUES, dtype=work, device=device)
     byte = torch.arange(256, device=device)
     pairs = torch.stack([lut[byte & 0x0F], lut[byte >> 4]], -1)  # byte -> (element 2k, element 2k+1)
-    step = max(1, _CHUNK // MXFP4_GROUP)
+    step = max(1, DEQUANT_CHUNK // MXFP4_GROUP)
     with torch.no_grad():
         for r0 in range(0, flat_b.shape[0], step):
             v = pairs[flat_b[r0 : r0 + step].to(device).long()].view(-1, MXFP4_GROUP)
@@ -136,7 +136,7 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
         raise CheckpointError(f"FP8 output has shape {tuple(out.shape)}, expected {tuple(weight.shape)}")
     device = out.device
     w3, s3 = weight.reshape(-1, rows, cols), scale_inv.reshape(-1, *scale_inv.shape[-2:])
-    step = max(1, _CHUNK // max(1, cols * bo)) * bo  # whole row blocks per chunk
+    step = max(1, DEQUANT_CHUNK // max(1, cols * bo)) * bo  # whole row blocks per chunk
     dst = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=device)
     o3 = dst.view(-1, rows, cols)
     with torch.no_grad():
