@@ -33,6 +33,7 @@ class StepPlan:
     k_pos: torch.Tensor  # (B, S)
     write: torch.Tensor | None = None  # slots written this step (cache only; ring slots for a window)
     n_keep: int = 0  # how many of the T new tokens the ring keeps
+    ring: bool = True  # (window) whether the keys attended are the ring's then the new ones, or only the new ones
 
 
 def plan_without_cache(q_pos: torch.Tensor, window: int | None, contiguous: bool) -> StepPlan:
@@ -73,7 +74,7 @@ class LayerKV:
             self.k[:, :, plan.write] = k
             self.v[:, :, plan.write] = v
             return self.k, self.v
-        k_all, v_all = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+        k_all, v_all = (torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)) if plan.ring else (k, v)
         self.k[:, :, plan.write] = k[:, :, T - plan.n_keep :]
         self.v[:, :, plan.write] = v[:, :, T - plan.n_keep :]
         return k_all, v_all
@@ -149,11 +150,15 @@ class KVCache:
             write = torch.arange(L + T - n_keep, L + T, device=ring.device) % w
             if T == 1:
                 ring[:, write] = q_pos
-                k_pos_w = ring
+                plans[w] = StepPlan(w, visible(q_pos, ring, w), False, ring, write, n_keep)
+            elif L == 0:  # an empty ring: the new keys alone, causal (SDPA's fast path) if the window cuts none
+                ring[:, write] = q_pos[:, T - n_keep :]
+                plans[w] = plan_without_cache(q_pos, w, self.contiguous)
+                plans[w].write, plans[w].n_keep, plans[w].ring = write, n_keep, False
             else:
                 k_pos_w = torch.cat((ring, q_pos), dim=1)
                 ring[:, write] = q_pos[:, T - n_keep :]
-            plans[w] = StepPlan(w, visible(q_pos, k_pos_w, w), False, k_pos_w, write, n_keep)
+                plans[w] = StepPlan(w, visible(q_pos, k_pos_w, w), False, k_pos_w, write, n_keep)
         return plans
 
     def commit(self, q_pos: torch.Tensor) -> None:

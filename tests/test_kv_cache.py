@@ -101,6 +101,22 @@ def test_sliding_window_prefill_decode(variant, total, prefill):
     assert max_diff(cached, full) <= TOL
 
 
+def test_a_first_prefill_attends_to_its_own_keys_only():
+    """An empty ring adds no keys: a first prefill of up to W tokens is plain causal attention over its
+    own keys (SDPA's fast path, as without a cache), a longer one the window's mask over them; a later
+    chunk attends over the ring and its own keys."""
+    model = tiny_model(W)
+    for T, causal in ((W, True), (W + 3, False)):
+        cache = model.make_cache(1, 48)
+        plan = cache.begin(torch.arange(T)[None], True)[W]
+        assert plan.k_pos.shape == (1, T) and not plan.ring
+        assert plan.is_causal == causal and (plan.mask is None) == causal
+        assert causal or plan.mask.shape == (1, 1, T, T)
+        cache.commit(torch.arange(T)[None])
+        plan = cache.begin(torch.arange(T, T + 2)[None], True)[W]
+        assert plan.ring and plan.k_pos.shape == (1, W + 2) and plan.mask.shape == (1, 1, 2, W + 2)
+
+
 def test_sliding_window_is_active():
     """The window matters: a token more than W back changes the logits of the full model only
     through the full-attention layers, so the windowed model differs from the all-full one."""

@@ -5,7 +5,7 @@ vocabulary; this reader parses the same layout (GGUF v2/v3, little-endian) in on
 read-only mapping it then lets go, and reads each tensor's bytes when asked. (Slices of a mapping
 would stay in the process's resident memory until the mapping is gone: the whole quantized file on
 top of the dequantized weights. Measured for SmolLM2-135M Q4_1 loaded in bfloat16: peak 1.48x the
-weight bytes mapped, 1.22x read.) Dequantization itself stays with the ``gguf`` package (plus a torch fast path
+weight bytes mapped, 1.23x read.) Dequantization itself stays with the ``gguf`` package (plus a torch fast path
 for Q8_0, the type of most embeddings).
 
 Layout: magic ``GGUF``, u32 version, u64 tensor count, u64 metadata count; metadata as
@@ -126,5 +126,6 @@ class GGUFContainer:
         """The tensor's raw bytes, read from the file (a new array)."""
         out = np.fromfile(self.path, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         if out.size != info.nbytes:  # (the file changed since it was parsed)
-            raise GGUFFormatError(f"{self.path}: tensor {info.name!r} is truncated: read {out.size} of {info.nbytes} bytes")
+            raise GGUFFormatError(f"{self.path}: tensor {info.name!r} is truncated (read {out.size} of "
+                                  f"{info.nbytes} bytes): the file changed after it was opened")
         return out
