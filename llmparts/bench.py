@@ -154,10 +154,15 @@ def warm_page_cache(checkpoint: Path) -> None:
                 pass
 
 
+def _is_checkpoint(name: str) -> bool:
+    """Whether ``name`` is an existing checkpoint (a directory or a GGUF file), not a config to build."""
+    return Path(name).is_dir() or (Path(name).is_file() and Path(name).suffix.lower() == ".gguf")
+
+
 def prepare_checkpoint(name: str, dtype: str, cache: Path | None = None) -> Path:
     """A checkpoint for ``name``: an existing directory or GGUF file, a built-in model, or a shipped config
     with random weights (seed 0), written once per dtype under ``cache`` (default :data:`CACHE`)."""
-    if Path(name).is_dir() or Path(name).is_file():
+    if _is_checkpoint(name):
         return Path(name)
     out = (cache or CACHE) / f"{name}-{dtype}"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
@@ -484,7 +489,7 @@ def _max_positions(model: str) -> int:
     from .config import load_config
     from .loading import config_of
 
-    if Path(model).is_dir() or Path(model).suffix.lower() == ".gguf":
+    if _is_checkpoint(model):
         return config_of(model).max_seq_len
     if model in BUILTIN:
         return BUILTIN[model]["max_position_embeddings"]

@@ -14,7 +14,7 @@ Post-RoPE keys are stored. One cache may be reused for a new sequence after :met
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -153,8 +153,8 @@ class KVCache:
                 plans[w] = StepPlan(w, visible(q_pos, ring, w), False, ring, write, n_keep)
             elif L == 0:  # an empty ring: the new keys alone, causal (SDPA's fast path) if the window cuts none
                 ring[:, write] = q_pos[:, T - n_keep :]
-                plans[w] = plan_without_cache(q_pos, w, self.contiguous)
-                plans[w].write, plans[w].n_keep, plans[w].ring = write, n_keep, False
+                plans[w] = replace(plan_without_cache(q_pos, w, self.contiguous), write=write, n_keep=n_keep,
+                                   ring=False)
             else:
                 k_pos_w = torch.cat((ring, q_pos), dim=1)
                 ring[:, write] = q_pos[:, T - n_keep :]

@@ -110,3 +110,16 @@ def test_bench_runs_a_gguf_file_in_both_libraries(tmp_path, monkeypatch, tiny_ll
     assert set(runs) == {"llmparts", "transformers"}
     assert runs["llmparts"]["weight_bytes"] == runs["transformers"]["weight_bytes"] > 0  # the same float32 weights
     assert all(r["decode_tok_s"] > 0 for r in runs.values())
+
+
+def test_a_yaml_config_file_is_built_not_taken_for_a_checkpoint(tmp_path):
+    """A file is a checkpoint only if it is a GGUF; a YAML config file gets random weights written once."""
+    import shutil
+
+    import llmparts
+
+    cfg = tmp_path / "mine.yaml"
+    shutil.copy(llmparts.config.shipped_configs()["tiny/qwen3"], cfg)
+    ckpt = bench.prepare_checkpoint(str(cfg), "float32", cache=tmp_path / "cache")
+    assert ckpt.is_dir() and (ckpt / "config.json").is_file() and any(ckpt.glob("*.safetensors"))
+    assert bench._max_positions(str(cfg)) == 512

@@ -278,8 +278,12 @@ class GGUFFile:
     def tensor(self, hf_name: str) -> torch.Tensor:
         """One tensor, dequantized to float32 and converted to HF conventions."""
         t = self._tensors[hf_name]
-        shape = self.shapes[hf_name]
-        a = dequantize(self.container.data(t), t.type, shape)
+        return self._decoded(t, t, self.shapes[hf_name])
+
+    def _decoded(self, t: TensorInfo, part: TensorInfo, shape: tuple[int, ...]) -> torch.Tensor:
+        """The bytes ``part`` (all of tensor ``t``, or some of its rows) dequantized to float32 of
+        ``shape`` and converted to HF conventions."""
+        a = dequantize(self.container.data(part), t.type, shape)
         return torch.from_numpy(np.ascontiguousarray(self.spec.convert(self, t.name, a), dtype=np.float32))
 
     def read_into(self, hf_name: str, out: torch.Tensor) -> None:
@@ -300,8 +304,7 @@ class GGUFFile:
         for r0 in range(0, rows, step):
             n = min(step, rows - r0)
             part = TensorInfo(t.name, t.shape, t.type, t.offset + r0 * row_bytes, n * row_bytes)
-            a = self.spec.convert(self, t.name, dequantize(self.container.data(part), t.type, (n, cols)))
-            flat[r0 : r0 + n].copy_(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)))
+            flat[r0 : r0 + n].copy_(self._decoded(t, part, (n, cols)))
 
     def ordered(self, keys: set[str] | None) -> list[str]:
         """Keys in file order (sequential reads)."""
