@@ -128,11 +128,15 @@ def _block_step(block: "Block", x: torch.Tensor, position: nn.Module, tables: Ta
     q, k, v = _attn_in(block, x, position, tables)
     k_buf.index_copy_(2, write, k)
     v_buf.index_copy_(2, write, v)
-    n = seen.shape[1]
-    torch._check(n <= k_buf.shape[2])  # so that the slices below are n long, not min(n, slots)
+    n = seen.shape[1]  # <= the slots: the cache refuses a step past its capacity (KVCache.begin)
     if mask is not None:
         torch._check(mask.shape[-1] == n)
-    attn = block.attn.attention(q, k_buf[:, :, :n], v_buf[:, :, :n], mask, False)
+    # The first n slots as views of exactly n: a slice is min(n, slots) long, which needs a check of n
+    # against the slots, and torch 2.11's inductor puts that check (or, without it, a new unbacked
+    # length) inside a nested region, where the slots' symbol is undefined (NameError: 's80').
+    k_seen = k_buf.as_strided((*k_buf.shape[:2], n, k_buf.shape[3]), k_buf.stride())
+    v_seen = v_buf.as_strided((*v_buf.shape[:2], n, v_buf.shape[3]), v_buf.stride())
+    attn = block.attn.attention(q, k_seen, v_seen, mask, False)
     return _attn_out_mlp(block, x, attn)
 
 
