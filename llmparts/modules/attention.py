@@ -48,12 +48,14 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                      scale: float) -> torch.Tensor:
-    """Attention for a few query tokens on CPU, as two batched matmuls per kv head (also MLA's
-    absorbed attention, on any device: H query heads over one latent "kv head").
+    """Attention for a few query tokens (decode), as two batched matmuls per kv head (also MLA's
+    absorbed attention: H query heads over one latent "kv head").
 
     SDPA's CPU kernel is built for long queries: for one decode token it reads a long cache slowly
     (float32, 4096 keys: 4 ms per layer against 1.8 here) and bfloat16 is slower still (7.5 ms
-    against 0.7), measured on the benchmark machine (docs/benchmarks.md). The query heads sharing a
+    against 0.7), measured on the benchmark machine (docs/benchmarks.md). On an H100 (torch 2.11)
+    SDPA chose cuDNN's kernel, which spent 1.8 ms of CPU time per call preparing it (63% of an eager
+    Qwen3-0.6B decode step), and inside a compiled decode step it broke the graph. The query heads sharing a
     kv head are folded into rows; float32 reads the keys as ``k @ q^T`` (rows of k contiguous), other
     dtypes as ``q @ k^T``. Softmax in float32; mask (B, 1, T, S) bool as in :func:`eager_attention`.
     Inside a compiled decode step both products are broadcast multiply-sums instead, which inductor
@@ -80,7 +82,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out.view(B, H, T, v.shape[-1])
 
 
-DECODE_MAX_QUERIES = 16  # query rows (heads per kv head x tokens) up to which CPU attention uses decode_attention
+DECODE_MAX_QUERIES = 16  # query rows (heads per kv head x tokens) up to which attention uses decode_attention
 
 
 @register_module("attention", "gqa")
@@ -155,7 +157,7 @@ class Attention(nn.Module):
                 S = k.shape[2]
                 mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
             out = eager_attention(q, k, v, mask, self.scale, self.spec.softcap, self.sinks)
-        elif q.device.type == "cpu" and not is_causal and (H // self.n_kv_heads) * T <= DECODE_MAX_QUERIES:
+        elif not is_causal and (H // self.n_kv_heads) * T <= DECODE_MAX_QUERIES:
             out = decode_attention(q, k, v, mask, self.scale)
         else:
             out = F.scaled_dot_product_attention(
