@@ -91,6 +91,22 @@ def reset_peak_rss() -> None:
         pass
 
 
+def device_name(device: str) -> str:
+    """What ran the benchmark: the GPU's name, or the CPU's model name (Linux) for ``cpu``."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -452,7 +468,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("greedy decode (tokens/s)")
-    ax.set_title(f"{next(iter(results.values()))['model']}: decode speed vs context")
+    first = next(iter(results.values()))
+    where = f" on {first['device_name']}" if "device_name" in first else ""  # (runs before Q did not record it)
+    ax.set_title(f"{first['model']}{where}: decode speed vs context")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -568,8 +586,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarize(runs, kv_bytes, active_bytes)
         results[dtype] = {"model": args.model, "dtype": dtype, "checkpoint": str(ckpt), "runs": runs,
                           "summary": summary, "active_weight_bytes": active_bytes, "kv_bytes_per_token": kv_bytes,
-                          "threads": args.threads, "compile": args.compile, "torch": torch.__version__}
-        print_table(args.model, dtype, summary)
+                          "threads": args.threads, "compile": args.compile, "torch": torch.__version__,
+                          "device": args.device, "device_name": device_name(args.device)}
+        print_table(f"{args.model} on {results[dtype]['device_name']}", dtype, summary)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

@@ -31,6 +31,7 @@ def test_bench_runs_both_libraries_and_writes_json(tmp_path, monkeypatch, capsys
         assert r["load_peak_rss"] < 128 * 2**20, r["load_peak_rss"]
         assert len(r["weight_read_samples"]) == 3 and r["weight_read"] > 0
         assert r["load_peak_device_memory"] is None  # (CUDA only)
+    assert res["device"] == "cpu" and res["device_name"]  # what ran it, in the JSON and the table's title
     summary = res["summary"]
     assert summary["bound_tok_s"] > 0
     assert {"decode_tok_s", "decode/bound", "decode/weight_read_bound", "weight_read_GB_s", "prefill_16_s",
