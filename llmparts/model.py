@@ -130,13 +130,15 @@ def _block_step(block: "Block", x: torch.Tensor, position: nn.Module, tables: Ta
     k_buf.index_copy_(2, write, k)
     v_buf.index_copy_(2, write, v)
     n = seen.shape[1]  # <= the slots: the cache refuses a step past its capacity (KVCache.begin)
+    if not _VIEW_SLOTS:
+        torch._check(n <= k_buf.shape[2])  # so that the slices below are n long, not min(n, slots)
     if mask is not None:
         torch._check(mask.shape[-1] == n)
-    # The first n slots as views of exactly n: a slice is min(n, slots) long, which needs a check of n
-    # against the slots, and torch 2.11's inductor puts that check (or, without it, a new unbacked
-    # length) inside a nested region, where the slots' symbol is undefined (NameError: 's80').
-    k_seen = k_buf.as_strided((*k_buf.shape[:2], n, k_buf.shape[3]), k_buf.stride())
-    v_seen = v_buf.as_strided((*v_buf.shape[:2], n, v_buf.shape[3]), v_buf.stride())
+    if _VIEW_SLOTS:  # the first n slots, as views exactly n long (see _VIEW_SLOTS)
+        k_seen = k_buf.as_strided((*k_buf.shape[:2], n, k_buf.shape[3]), k_buf.stride())
+        v_seen = v_buf.as_strided((*v_buf.shape[:2], n, v_buf.shape[3]), v_buf.stride())
+    else:
+        k_seen, v_seen = k_buf[:, :, :n], v_buf[:, :, :n]
     attn = block.attn.attention(q, k_seen, v_seen, mask, False)
     return _attn_out_mlp(block, x, attn)
 
@@ -171,6 +173,14 @@ def _step_inputs(kv: Any, plan: StepPlan, start: int, seen_of: dict[Any, tuple[A
 # per distinct block structure and called for each layer (a torch without nested_compile_region
 # keeps one call per block: tracing every layer into one graph takes close to a minute to compile).
 _HAS_REGIONS = hasattr(torch.compiler, "nested_compile_region")
+# How a compiled decode step reads the first n (unbacked) slots of a cache buffer. A slice is min(n, slots)
+# long: with torch._check(n <= slots) it is n long, and torch 2.5 and 2.8 compile that; torch 2.11's
+# inductor lost the length a slice binds (AssertionError: failed OrderedSet([]) >= OrderedSet([u7])) or
+# placed that check where the slots' symbol is undefined (NameError: name 's80' is not defined). From 2.11
+# an as_strided view exactly n long, which 2.5 and 2.8 reject (their contiguity test guards on n). 2.13
+# compiles either; 2.9 and 2.10 were not tried (a failure there falls back: CausalLM.forward). The
+# slicing stays inline in _block_step: moved into a helper function, 2.8 failed on it.
+_VIEW_SLOTS = torch.torch_version.TorchVersion(torch.__version__) >= "2.11"
 _block_regions: dict[Any, Any] = {}
 
 
@@ -260,6 +270,7 @@ class CausalLM(nn.Module):
         # Modules told before and after each use of the compiled parts (``compiled_step(active)``).
         self._step_modules: list[nn.Module] = []
         self._step_regions: list[Any] = []  # compile_decode: each layer's block region
+        self._in_trial = False  # compile_decode: its trial of the compiled parts is running
         # generation_config.json of a loaded checkpoint (eos ids, sampling defaults), for generate()
         # without a tokenizer; {} for a built model
         self.generation_config: dict[str, Any] = {}
@@ -390,7 +401,11 @@ class CausalLM(nn.Module):
             with torch.no_grad():
                 eager = trial()
                 self._decode_parts, self._prefill_parts = decode, prefill
-                compiled = trial()
+                self._in_trial = True  # (a failing part raises here: forward does not fall back)
+                try:
+                    compiled = trial()
+                finally:
+                    self._in_trial = False
         except Exception as e:  # noqa: BLE001 - any compiler failure means: stay eager
             self._decode_parts = self._prefill_parts = None
             warnings.warn(f"compile_decode: torch.compile failed here, decoding stays eager ({type(e).__name__}: "
@@ -488,11 +503,28 @@ class CausalLM(nn.Module):
                 parts = self._prefill_parts  # None for MoE models: eager prefill
         for m in self._step_modules if parts is not None else ():
             m.compiled_step(True)
+        failed = None
         try:
             logits = self._blocks(x, tables, plans, cache, start, parts, last_only)
+        except Exception as e:  # noqa: BLE001 - a compiled part failed to compile a new variant
+            if parts is None or self._in_trial:
+                raise
+            failed = e
         finally:
             for m in self._step_modules if parts is not None else ():
                 m.compiled_step(False)
+        if failed is not None:
+            # Some torch versions fail on a variant the trial in compile_decode did not meet (a padded
+            # batch, a new batch size): decode eagerly from now on. Running every block again rewrites
+            # the cache slots the compiled ones wrote, except where a sliding-window ring was read
+            # before this forward's writes (a prefill of several tokens): that cache stays unusable.
+            self._decode_parts = self._prefill_parts = None
+            warnings.warn(f"compile_decode: a compiled part failed for this input; the model runs eagerly from now "
+                          f"on ({type(failed).__name__}: {str(failed).splitlines()[0] if str(failed) else ''})",
+                          stacklevel=2)
+            if cache is not None and T > 1 and any(kv.window is not None for kv in cache.layers):
+                raise failed
+            logits = self._blocks(x, tables, plans, cache, start, None, last_only)
         if cache is not None:
             cache.commit(q_pos)
         if self.config.logit_softcap is not None:

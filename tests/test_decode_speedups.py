@@ -239,6 +239,60 @@ def test_a_failing_whole_step_compile_falls_back_per_block():
     assert "model_step" not in model._decode_parts
 
 
+@pytest.mark.parametrize("failing", ["decode", "prefill and decode"])
+def test_a_compiled_part_failing_later_falls_back_to_eager(failing):
+    """If a compiled part fails on an input the trial in compile_decode did not meet (some torch versions
+    fail to compile a padded batch's variant), that forward runs again eagerly, with a warning, and so
+    does the model from then on: the same tokens as an eager model, no exception."""
+    if not _compiler_works():
+        pytest.skip("torch.compile does not work on this machine")
+    model = llmparts.build_model("tiny/qwen3", seed=9).eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    expected = generate(model, None, ids, attention_mask=mask, max_new_tokens=6)
+    assert model.compile_decode()
+
+    def broken(*a, **k):
+        raise RuntimeError("BackendCompilerFailed: a variant that does not compile")
+
+    for parts in [model._decode_parts] + ([model._prefill_parts] if failing != "decode" else []):
+        for name, part in parts.items():
+            if callable(part):
+                parts[name] = broken
+    with warnings.catch_warnings(record=True) as caught:  # (decode: the whole step's per-block fallback first)
+        warnings.simplefilter("always")
+        got = generate(model, None, ids, attention_mask=mask, max_new_tokens=6)
+    assert any("compiled part failed for this input; the model runs eagerly" in str(w.message) and "variant"
+               in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert torch.equal(got, expected)
+    assert model._decode_parts is None and model._prefill_parts is None
+
+
+def test_a_compiled_prefill_failing_after_a_ring_was_read_raises():
+    """A prefill chunk after the first reads a sliding-window ring before writing it: when its compiled
+    parts fail midway, running it again would read keys this chunk already wrote, so it raises (the
+    model eager from then on) and the cache refuses further steps until reset."""
+    if not _compiler_works():
+        pytest.skip("torch.compile does not work on this machine")
+    model = llmparts.build_model("tiny/qwen3", overrides=["attention.window=6"], seed=9).eval()
+    assert model.compile_decode()
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(5))
+    cache = model.make_cache(1, 64)
+    with torch.no_grad():
+        model(ids[:, :20], cache=cache)
+
+        def broken(*a, **k):
+            raise RuntimeError("a variant that does not compile")
+
+        model._prefill_parts["attn_out_mlp"] = broken
+        with pytest.warns(UserWarning, match="runs eagerly"), pytest.raises(RuntimeError, match="does not compile"):
+            model(ids[:, 20:], cache=cache)
+        assert model._decode_parts is None
+        with pytest.raises(llmparts.CacheError, match="partly written"):
+            model(ids[:, 20:21], cache=cache)
+
+
 @pytest.mark.parametrize("how", ["replaced", "re-pointed"])
 def test_compiled_moe_decode_follows_gate_and_up_changed_after_compiling(how):
     """A compiled MoE decode step reads each layer's gate and up as the one tensor they view, checked
