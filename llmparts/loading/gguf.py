@@ -311,9 +311,8 @@ class GGUFFile:
         return [k for k in self._tensors if keys is None or k in keys]
 
     def tensors(self, keys: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self._tensors:
-            if keys is None or name in keys:
-                yield name, self.tensor(name)
+        for name in self.ordered(keys):
+            yield name, self.tensor(name)
 
 
 def dequantize(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> np.ndarray:
