@@ -343,7 +343,10 @@ class ModelConfig:
         for k, ov in enumerate(self.overrides):
             for i in ov.layers:
                 for kind, patch in ov.parts.items():
-                    per_layer[i][kind] = deep_merge(per_layer[i][kind], patch)
+                    start = per_layer[i][kind]
+                    if "type" in patch and patch["type"] != start.get("type") and patch["type"] == base[kind].get("type"):
+                        start = base[kind]  # back to the model's own type: its settings, not the type's defaults
+                    per_layer[i][kind] = deep_merge(start, patch)
                     touched[i][kind] = f"{path}.overrides[{k}].{kind}"
         cache: dict[str, LayerSpec] = {}
         out = []
@@ -411,7 +414,9 @@ def apply_cli_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, 
 
     ``"layers[SEL].kind.field=value"`` appends a per-layer override for the layers ``SEL`` selects
     (``"layers[3::4].position.type=none"`` makes every 4th layer NoPE). Setting ``X.type`` to a new
-    type replaces the sub-spec ``X``. Unknown fields are reported when the result is validated.
+    type replaces the sub-spec ``X`` (in a per-layer override, by the model's own ``X`` when that has
+    the new type: :meth:`ModelConfig._resolve_layers`). Unknown fields are reported when the result
+    is validated.
     """
     if isinstance(overrides, str):
         overrides = [overrides]

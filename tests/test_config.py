@@ -144,6 +144,20 @@ def test_cli_layer_override_and_type_swap():
     assert c.layers[0].norm.type == "layernorm"
 
 
+def test_type_swapped_back_to_the_models_own_takes_its_settings():
+    # smollm3-3b: RoPE theta 5e6, every 4th layer NoPE; switching those layers back to RoPE gives them
+    # the model's RoPE (theta 5e6), not RoPE's default theta (1e4)
+    c = load_config("smollm3-3b", ["layers[3::4].position.type=rope"])
+    assert {(layer.position.type, layer.position.theta) for layer in c.layers} == {("rope", 5e6)}
+    c = load_config("smollm3-3b", ["layers[3].position={type: rope, theta: 1.0e4}"])
+    assert (c.layers[3].position.theta, c.layers[7].position.type) == (1e4, "none")
+    # a type the model does not use starts from that type's defaults (LayerNorm's eps 1e-5, not the
+    # model's RMSNorm eps 1e-6); switched back, the layer has the model's norm again
+    c = load_config("tiny/qwen3", ["layers[1:3].norm.type=layernorm", "layers[2].norm.type=rmsnorm"])
+    assert [(layer.norm.type, layer.norm.eps) for layer in c.layers[1:3]] == [("layernorm", 1e-5), ("rmsnorm", 1e-6)]
+    assert c.layers[2] == c.layers[0]
+
+
 def test_cli_override_errors():
     raises("tiny/qwen3", "config.attention", "'windw'", "did you mean 'window'", overrides=["attention.windw=4"])
     with pytest.raises(ConfigError, match="expected 'path.to.field=value'"):
