@@ -233,13 +233,13 @@ class Experts(nn.Module):
             gate, up = self._split_gate_up(linear(x, gate_up[e]), e)
         return linear(self._activate(gate, up), self.down_proj[e], self._bias(self.down_bias, e))
 
-    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """All experts at once on rows sorted by expert: grouped matmuls (``F.grouped_mm``), gate and
-        up as one (:meth:`gate_up`). On CPUs a grouped matmul is a loop of per-expert matmuls; one of
-        2F rows instead of two of F per expert was 5-20 % faster here (32 experts of 384x512, 512
-        rows; about equal at 2048 rows)."""
-        offs = counts.cumsum(0).to(torch.int32)
-        expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=xs.device), counts)
+    def _grouped(self, xs: torch.Tensor, ends: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
+        """All experts at once on rows sorted by expert (``ends[e]``: one past expert e's last row;
+        ``expert_of_row``: each row's expert): grouped matmuls (``F.grouped_mm``), gate and up as one
+        (:meth:`gate_up`). On CPUs a grouped matmul is a loop of per-expert matmuls; one of 2F rows
+        instead of two of F per expert was 5-20 % faster here (32 experts of 384x512, 512 rows; about
+        equal at 2048 rows)."""
+        offs = ends.to(torch.int32)
 
         def proj(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
             y = F.grouped_mm(h, w.transpose(-2, -1), offs=offs)  # (n, out): row r uses its expert's w
@@ -291,26 +291,28 @@ class Experts(nn.Module):
         """
         k = ids.shape[1]
         flat = ids.reshape(-1)  # (N*k,) pair p = token p // k, slot p % k
-        order = flat.argsort(stable=True)  # pairs grouped by expert
+        expert_of_pair, order = flat.sort(stable=True)  # pairs grouped by expert
         tokens = order // k  # (N*k,) token of each sorted pair
         pair_w = weights.reshape(-1)[order]  # (N*k,)
-        counts_t = torch.bincount(flat, minlength=self.spec.n_experts)
+        # where each expert's pairs end; unlike bincount (or repeat_interleave), a binary search needs
+        # no output size read back from the device, so a CUDA prefill never waits for the GPU here
+        experts = torch.arange(self.spec.n_experts, device=flat.device, dtype=flat.dtype)
+        ends = torch.searchsorted(expert_of_pair, experts, right=True)
         if (flat.numel() >= GROUPED_MIN_ROWS and hasattr(F, "grouped_mm") and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling() and x.dtype in (torch.float32, torch.bfloat16)
                 and not emulated_half(x)):  # there the loop's linear() multiplies in float32, a slice at a time
-            y = self._grouped(x[tokens], counts_t)  # (N*k, D)
+            y = self._grouped(x[tokens], ends, expert_of_pair)  # (N*k, D)
             return torch.zeros_like(x).index_add_(0, tokens, (y * pair_w[:, None]).to(x.dtype))
-        counts = counts_t.tolist()  # one host sync
         gate_up = None if torch.is_grad_enabled() or torch.compiler.is_compiling() else self.gate_up()
         out = torch.zeros_like(x)
         start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
+        for e, end in enumerate(ends.tolist()):  # one host sync
+            if end == start:
                 continue
-            tok = tokens[start:start + n]
+            tok = tokens[start:end]
             y = self.expert(e, x[tok], gate_up)  # (n, D)
-            out.index_add_(0, tok, (y * pair_w[start:start + n, None]).to(x.dtype))
-            start += n
+            out.index_add_(0, tok, (y * pair_w[start:end, None]).to(x.dtype))
+            start = end
         return out
 
 
