@@ -383,6 +383,36 @@ def test_grouped_matmul_path_equals_expert_loop(name):
     assert (grouped - loop.detach()).abs().max().item() <= 1e-5 * max(1.0, loop.abs().max().item())
 
 
+@pytest.mark.parametrize("name", ["softmax_normalize", "topk_softmax_gptoss", "sigmoid_deepseek", "gelu_tanh_shared_bias"])
+def test_grouped_path_reads_nothing_back_from_the_device(name):
+    """The grouped (prefill) path launches no op whose output size or result the host must read
+    first: on CUDA each such op (``.item()``, ``bincount``, ``repeat_interleave`` without an output
+    size, ``nonzero``) makes the CPU wait for the GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llmparts.modules.moe import GROUPED_MIN_ROWS
+
+    host_reads = {"_local_scalar_dense", "item", "bincount", "repeat_interleave", "nonzero", "masked_select", "unique"}
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    moe = make(**CASES[name]).eval()
+    x = torch.randn(2, GROUPED_MIN_ROWS, D)
+    with torch.no_grad(), Ops() as grouped:
+        moe(x)
+    with torch.enable_grad(), Ops() as loop:
+        moe(x)
+    assert "_grouped_mm" in grouped.names and not host_reads & set(grouped.names)
+    assert "_grouped_mm" not in loop.names  # (the loop's one read, tolist(), is not an op)
+
+
 def test_gate_and_up_are_views_of_one_tensor_through_conversions_and_copies():
     """Gate and up (the checkpoints' two parameter names, (E, F, D) each) view one (E, 2F, D) tensor,
     expert by expert, so that prefill multiplies both at once; conversions, meta-device builds,
