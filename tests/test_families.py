@@ -239,10 +239,6 @@ BAD = {
                            r"layer_types must list one entry per layer \(4\), got 3"),
     "layer_types-unknown": ({**OLMO3, "layer_types": ["sliding_attention", "chunked_attention", "sliding_attention",
                              "full_attention"]}, r"layer_types\[1\] = 'chunked_attention' is not one of"),
-    "olmo3-window-too-large": ({**OLMO3, "sliding_window": 512},
-                               r"sliding_window \(512\) is larger than max_position_embeddings \(256\)"),
-    "olmo3-window-default-too-large": ({k: v for k, v in OLMO3.items() if k != "sliding_window"},
-                                       r"sliding_window \(4096\) is larger than max_position_embeddings \(256\)"),
     "olmo3-window-null": ({**OLMO3, "sliding_window": None}, r"sliding_attention but sliding_window is null"),
     "olmo3-flat-rope": ({**{k: v for k, v in OLMO3.items() if k != "rope_theta"},
                          "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}},
@@ -261,17 +257,9 @@ BAD = {
     "smollm3-interval": ({**SMOLLM3, "no_rope_layer_interval": 0}, r"no_rope_layer_interval must be an integer >= 1"),
     "smollm3-sliding-without-flag": ({**SMOLLM3, "sliding_window": WINDOW, "layer_types": SLIDING_3_1},
                                      r"sliding_attention but use_sliding_window is false \(contradictory fields\)"),
-    "smollm3-window-too-large": ({**SMOLLM3, "use_sliding_window": True, "sliding_window": 300},
-                                 r"sliding_window \(300\) is larger than max_position_embeddings \(256\)"),
-    "mistral-window-too-large": ({**MISTRAL, "sliding_window": 257},
-                                 r"sliding_window \(257\) is larger than max_position_embeddings \(256\)"),
-    "mistral-window-default-too-large": ({k: v for k, v in MISTRAL.items() if k != "sliding_window"},
-                                         r"sliding_window \(4096\) is larger than max_position_embeddings"),
     "mistral-layer_types": ({**MISTRAL, "layer_types": SLIDING_3_1},
                             r"layer_types .* contradicts sliding_window=16: Mistral applies the window to every layer"),
     "mistral-bias": ({**MISTRAL, "attention_bias": True}, r"attention_bias=True is not supported"),
-    "gemma3-window-too-large": ({**GEMMA3, "sliding_window": 1024},
-                                r"sliding_window \(1024\) is larger than max_position_embeddings \(256\)"),
     "gemma3-layer_types-length": ({**GEMMA3, "layer_types": SLIDING_3_1 + ["full_attention"]},
                                   r"layer_types must list one entry per layer \(4\), got 5"),
 }
@@ -283,6 +271,58 @@ def test_bad_config_fails_naming_the_field(case, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(llmparts.ConfigError, match=message):
         config_of(tmp_path)
+
+
+WIDE_WINDOWS = {  # config.json -> the window of its sliding layers (max_position_embeddings 256)
+    "olmo3-wider": ({**OLMO3, "sliding_window": 512}, 256),
+    "olmo3-default-4096": ({k: v for k, v in OLMO3.items() if k != "sliding_window"}, 256),
+    "smollm3-wider": ({**SMOLLM3, "use_sliding_window": True, "sliding_window": 300}, 256),
+    "mistral-one-wider": ({**MISTRAL, "sliding_window": 257}, 256),
+    "mistral-default-4096": ({k: v for k, v in MISTRAL.items() if k != "sliding_window"}, 256),
+    "gemma3-wider": ({**GEMMA3, "sliding_window": 1024}, 256),
+    "mistral-as-wide": ({**MISTRAL, "sliding_window": 256}, 256),
+}
+
+
+@pytest.mark.parametrize("case", list(WIDE_WINDOWS))
+def test_window_wider_than_the_context_reads_as_the_context(case, tmp_path):
+    data, window = WIDE_WINDOWS[case]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    windows = {layer.attention.window for layer in config_of(tmp_path).layers}
+    assert window in windows and windows <= {window, None}
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "gemma3_text"])
+def test_window_wider_than_the_context_matches_transformers(model_type, tmp_path):
+    """transformers' config classes default ``sliding_window`` to 4096 whatever
+    ``max_position_embeddings`` says, so small checkpoints carry windows wider than their context.
+    Such a window sees every earlier key of any sequence the model takes: loaded as the context's
+    width (the layers keep their window and a ring of that many slots), the logits are transformers',
+    over the whole context and decoded token by token."""
+    ctx = 40
+    kw = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=ctx, pad_token_id=None, bos_token_id=None,
+              eos_token_id=None)
+    if model_type == "mistral":
+        config = transformers.MistralConfig(**kw)
+        assert config.sliding_window == 4096  # the class default
+        model = transformers.MistralForCausalLM(config)
+    else:
+        config = transformers.Gemma3TextConfig(**kw, head_dim=16, sliding_window=1024,
+                                               layer_types=["sliding_attention", "full_attention"])
+        model = transformers.Gemma3ForCausalLM(config)
+    save_hf(model.eval(), tmp_path)
+    ref, ours = hf_reference(tmp_path), llmparts.load_pretrained(tmp_path)
+    windows = [layer.attention.window for layer in ours.config.layers]
+    assert windows == ([ctx, ctx] if model_type == "mistral" else [ctx, None])
+    x = batch(ctx)
+    cache = ours.make_cache(2, ctx)
+    with torch.no_grad():
+        expected = ref(x).logits
+        cached = torch.cat([ours(x[:, :9], cache=cache)] + [ours(x[:, t : t + 1], cache=cache) for t in range(9, ctx)], 1)
+        diff = max((ours(x) - expected).abs().max().item(), (cached - expected).abs().max().item())
+    print(f"{model_type} window 4096/1024 in a context of {ctx}: max abs diff {diff:.2e}")
+    assert diff <= TOL
 
 
 def test_null_window_is_full_attention_and_smollm3_slides_nope_layers(tmp_path):

@@ -175,20 +175,20 @@ def sliding_overrides(hf: HFConfig, types: list[str], window: int | None, extra:
 
 
 def check_window(hf: HFConfig, window: Any, key: str = "sliding_window") -> int:
-    """A validated sliding window: an integer >= 1 and no larger than ``max_position_embeddings``.
+    """A validated sliding window: an integer >= 1, at most ``max_position_embeddings``.
 
-    The core rejects ``window > max_seq_len`` too; checking here names the HF fields to fix.
+    A wider window (transformers' config classes default to 4096 or more whatever the context, so
+    small checkpoints carry one) sees every earlier key of any sequence the model accepts, exactly as
+    a window as wide as the context does: it is read as that width, and the layer keeps its window
+    (its cache a ring of that many slots; Gemma 3's sliding layers their local RoPE base).
     """
     if isinstance(window, float) and window.is_integer():
         window = int(window)
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ConfigError(f"{hf.source}: {key} must be an integer >= 1 (or null for full attention), got {window!r}")
     context = hf.data.get("max_position_embeddings")  # a peek: the adapter consumes it itself
-    if isinstance(context, int) and window > context:
-        raise ConfigError(
-            f"{hf.source}: {key} ({window}) is larger than max_position_embeddings ({context}); "
-            f"set {key} to at most {context}, or to null for full attention"
-        )
+    if isinstance(context, int) and not isinstance(context, bool) and 1 <= context < window:
+        return context
     return window
 
 
