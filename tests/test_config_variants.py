@@ -72,6 +72,29 @@ CASES = {
     "gpt_oss-default-yarn": (transformers.GptOssConfig, transformers.GptOssForCausalLM, dict(
         head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=8),
         _drop("rope_parameters", "rope_scaling", "rope_theta")),
+    # ... and with only a top-level rope_theta: that YaRN with the file's base (not the class's 150000)
+    "gpt_oss-default-yarn-top-level-theta": (transformers.GptOssConfig, transformers.GptOssForCausalLM, dict(
+        head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=8),
+        _both(_drop("rope_parameters"), _set(rope_theta=1000.0, rope_scaling=None))),
+    # DeepSeek-V3's flags typed `bool | None`: a null is kept and tested as false (half-split RoPE, no
+    # renormalisation of the routing weights), not the class defaults (true)
+    "deepseek_v3-null-flags": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, dict(
+        first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+        n_shared_experts=1, **MLA), _set(rope_interleave=None, norm_topk_prob=None)),
+    # no shared expert: transformers saves empty shared-expert tensors
+    "deepseek_v3-no-shared-expert": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, dict(
+        first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+        n_shared_experts=0, **MLA), lambda c: None),
+    # first_k_dense_replace past the last layer (the class default 3, two layers): every layer dense;
+    # the router's fields describe experts no layer has, null group sizes included
+    "deepseek_v3-all-dense": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, dict(
+        first_k_dense_replace=3, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, **MLA),
+        _set(n_group=None, topk_group=None)),
+    # SmolLM3: an explicit layer_types windows its sliding layers whatever use_sliding_window says
+    # (transformers' masks do; only its flash-attention path reads the flag)
+    "smollm3-layer_types-without-flag": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM, dict(
+        num_hidden_layers=4, sliding_window=8, use_sliding_window=False,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]), lambda c: None),
 }
 
 

@@ -249,6 +249,28 @@ def test_deepseek_mtp_layer_is_ignored_with_a_reason(tmp_path):
         llmparts.load_pretrained(d)
 
 
+def test_deepseek_without_shared_experts_takes_only_empty_ones(tmp_path):
+    """n_shared_experts 0: transformers saves the shared expert's empty tensors, which are skipped;
+    shared-expert tensors that hold values contradict the config and fail the load."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    d, _ = make("deepseek_v3-groups-qlora-yarn", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["n_shared_experts"] = 0
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(llmparts.errors.CheckpointError, match=r"shared_experts.down_proj.weight \(64, 32\) -> nothing: only an empty "
+                                              r"tensor is expected here \(n_shared_experts is 0\)"):
+        llmparts.load_pretrained(d)
+    sd = load_file(d / "model.safetensors")
+    for k in [k for k in sd if ".shared_experts." in k]:
+        sd[k] = sd[k][:, :0] if k.endswith("down_proj.weight") else sd[k][:0]
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    model = llmparts.load_pretrained(d)
+    assert all(getattr(layer.mlp, "shared", None) is None for layer in model.layers)
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("qk_head_dim", 99, "MLA dims do not add up"),
     ("num_key_value_heads", 2, "num_key_value_heads=2 != num_attention_heads=4"),

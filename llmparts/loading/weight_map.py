@@ -2,7 +2,7 @@
 
 A family's map is a list of rules, pure data. ``Rename(src, dst)`` templates use ``{i}`` (layer),
 ``{e}`` (expert), ``{path}`` (any remainder, dots included) or any ``{name}`` placeholder; ``Ignore(src, reason)`` drops a tensor on purpose and
-says why. Beyond renaming, a closed set of tensor operations covers how checkpoints pack weights:
+says why (``empty=True``: only a tensor without elements). Beyond renaming, a closed set of tensor operations covers how checkpoints pack weights:
 
 * a destination ending in ``[{e}]`` fills one slice of a stacked parameter (per-expert checkpoint
   tensors -> ``(E, out, in)`` experts); every slice must be filled exactly once;
@@ -17,6 +17,7 @@ template (``layers.{i}.attn.q_norm.weight missing for i in 0..27``).
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -121,10 +122,12 @@ class Rename:
 
 @dataclass(frozen=True)
 class Ignore:
-    """Checkpoint tensors matching ``src`` are skipped on purpose, for ``reason``."""
+    """Checkpoint tensors matching ``src`` are skipped on purpose, for ``reason``; with ``empty``, only
+    tensors without elements (a matching tensor that holds values is reported as having no target)."""
 
     src: str
     reason: str
+    empty: bool = False
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -176,8 +179,8 @@ def _span(idx: list[int]) -> str:
     return ",".join(map(str, idx))
 
 
-def match_key(rules: list[Rule], key: str) -> tuple[Target, ...] | str | None:
-    """Targets of checkpoint ``key``; an Ignore reason (str); or None when no rule matches.
+def match_key(rules: list[Rule], key: str) -> tuple[Target, ...] | Ignore | None:
+    """Targets of checkpoint ``key``; the Ignore rule that skips it; or None when no rule matches.
 
     The first matching rule decides, except that rules taking a part (``even``/``odd``) of a
     tensor collect every other matching part rule too.
@@ -186,7 +189,7 @@ def match_key(rules: list[Rule], key: str) -> tuple[Target, ...] | str | None:
     for rule in rules:
         if isinstance(rule, Ignore):
             if not found and rule.match(key):
-                return rule.reason
+                return rule
             continue
         t = rule.target(key)
         if t is None or (found and not rule.is_part):
@@ -222,8 +225,11 @@ def plan_assignment(
         if found is None:
             unexpected.append(key)
             continue
-        if isinstance(found, str):
-            ignored[key] = found
+        if isinstance(found, Ignore):
+            if found.empty and math.prod(shape) > 0:
+                no_param.append(f"{key} {tuple(shape)} -> nothing: only an empty tensor is expected here ({found.reason})")
+            else:
+                ignored[key] = found.reason
             continue
         ok = []
         for t in found:

@@ -67,8 +67,13 @@ class HFConfig:
             raise ConfigError(f"{self.source}: {key} must be a finite number, got {value!r}")
         return float(value)
 
-    def flag(self, key: str, default: bool) -> bool:
-        """A true/false field (``default`` when absent or null); a string such as "false" is a ConfigError."""
+    def flag(self, key: str, default: bool, null: bool | None = None) -> bool:
+        """A true/false field (``default`` when absent, and when null unless ``null`` is given: for
+        the fields transformers types ``bool | None``, whose null it keeps and tests as false); a
+        string such as "false" is a ConfigError."""
+        if null is not None and key in self.data and self.data[key] is None:
+            self.used.add(key)
+            return null
         value = self.get(key, default)
         if not isinstance(value, bool):
             raise ConfigError(f"{self.source}: {key} must be true or false, got {value!r}")

@@ -7,10 +7,14 @@ architecture): multi-head latent attention and DeepSeekMoE.
   them with the default); RoPE rotates only the rope dims, in interleaved pairs (V3:
   ``rope_interleave``; V2 multiplies complex pairs, the same thing); YaRN's ``mscale_all_dim``
   goes into the softmax scale (resolved by the MLA spec);
-* layers ``< first_k_dense_replace`` have a dense MLP of ``intermediate_size``; the others a mixture of
-  ``n_routed_experts`` plus ``n_shared_experts * moe_intermediate_size`` of always-on shared experts;
+* layers ``< first_k_dense_replace`` have a dense MLP of ``intermediate_size`` (every layer when it is
+  ``num_hidden_layers`` or more; the router's fields then describe experts no layer has); the others a
+  mixture of ``n_routed_experts`` plus ``n_shared_experts * moe_intermediate_size`` of always-on shared
+  experts (none for 0: transformers saves that expert's empty tensors, which are skipped);
 * V3 router: sigmoid scores, ``e_score_correction_bias`` for selection only, group-limited selection
-  (``n_group``, ``topk_group``), ``norm_topk_prob``, ``routed_scaling_factor``; V2 router: softmax,
+  (``n_group``, ``topk_group``), ``norm_topk_prob``, ``routed_scaling_factor``; ``rope_interleave`` and
+  ``norm_topk_prob`` are ``bool | None`` in transformers, which keeps a null and tests it as false;
+  V2 router: softmax,
   ``topk_method: greedy`` (``group_limited_greedy`` scores groups differently and is refused), no
   renormalisation, ``routed_scaling_factor``;
 * checkpoint layer ``num_hidden_layers`` onwards (``num_nextn_predict_layers`` of them) is V3's
@@ -67,7 +71,7 @@ def _deepseek(hf: HFConfig, version: int) -> dict[str, Any]:
             f"{hf.source}: head_dim ({head_dim}) must equal qk_rope_head_dim ({rope}) for DeepSeek models "
             "(transformers uses it as the RoPE width)"
         )
-    interleave = hf.flag("rope_interleave", True) if version == 3 else True
+    interleave = hf.flag("rope_interleave", True, null=False) if version == 3 else True
     act = hf.expect("hidden_act", ("silu",), "DeepSeek MLPs use silu")
     hf.expect("mlp_bias", (False,), "DeepSeek MLPs have no bias")
     position = rope_from_hf(hf, 10000.0)
@@ -93,13 +97,20 @@ def _deepseek(hf: HFConfig, version: int) -> dict[str, Any]:
     dense = {"type": "gated", "hidden_dim": hf.require("intermediate_size"), "activation": act}
     n_experts = one_of(hf, ("n_routed_experts", "num_local_experts", "num_experts"), defaults["n_routed_experts"])
     first_dense = field("first_k_dense_replace")
+    if isinstance(first_dense, bool) or not isinstance(first_dense, int) or first_dense < 0:
+        raise ConfigError(f"{hf.source}: first_k_dense_replace must be an integer >= 0, got {first_dense!r}")
     freq = hf.get("moe_layer_freq", 1)
     if freq != 1:
         raise UnsupportedModelError(f"{hf.source}: moe_layer_freq={freq} is not supported (transformers ignores it; only 1 is unambiguous)")
     hf.get("ep_size")  # expert-parallel degree of the original training code: no effect on the function
     hf.get("aux_loss_alpha")  # training-only
     hf.get("seq_aux")
-    if not n_experts:
+    mtp = hf.get("num_nextn_predict_layers", 0) if version == 3 else 0
+    cfg["weights"] = {"mtp_layers": list(range(n_layers, n_layers + (mtp or 0)))}
+    if not n_experts or first_dense >= n_layers:  # transformers: layer i is a MoE when i >= first_k_dense_replace
+        for key in ("num_experts_per_tok", "moe_intermediate_size", "routed_scaling_factor", "n_shared_experts",
+                    "scoring_func", "topk_method", "norm_topk_prob", "n_group", "topk_group"):
+            hf.get(key)  # describe the experts no layer has
         cfg["mlp"] = dense
         return cfg
     shared = field("n_shared_experts") or 0
@@ -115,7 +126,7 @@ def _deepseek(hf: HFConfig, version: int) -> dict[str, Any]:
     if version == 3:
         hf.expect("scoring_func", ("sigmoid",), "DeepSeek-V3 routes with sigmoid scores")
         hf.expect("topk_method", ("noaux_tc",), "DeepSeek-V3 selects with the correction bias (noaux_tc)")
-        moe.update(router="sigmoid", correction_bias=True, normalize=hf.flag("norm_topk_prob", True),
+        moe.update(router="sigmoid", correction_bias=True, normalize=hf.flag("norm_topk_prob", True, null=False),
                    n_groups=field("n_group"), topk_groups=field("topk_group"))
     else:
         hf.expect("scoring_func", ("softmax",), "DeepSeek-V2 routes with softmax scores")
@@ -127,11 +138,7 @@ def _deepseek(hf: HFConfig, version: int) -> dict[str, Any]:
             raise UnsupportedModelError(f"{hf.source}: norm_topk_prob=true: transformers' DeepSeek-V2 ignores it; refusing the ambiguity")
         moe.update(router="softmax", normalize=False)
     cfg["mlp"] = moe
-    if not isinstance(first_dense, int) or not 0 <= first_dense <= n_layers:
-        raise ConfigError(f"{hf.source}: first_k_dense_replace must be an integer in [0, {n_layers}], got {first_dense!r}")
     cfg["overrides"] = moe_dense_overrides(list(range(first_dense)), dense)
-    mtp = hf.get("num_nextn_predict_layers", 0) if version == 3 else 0
-    cfg["weights"] = {"mtp_layers": list(range(n_layers, n_layers + (mtp or 0)))}
     return cfg
 
 
@@ -141,6 +148,8 @@ def deepseek_rules(cfg: dict[str, Any]) -> list[Rule]:
                "used only for training and speculative decoding")
         for i in cfg.get("weights", {}).get("mtp_layers", [])
     ]
+    if cfg["mlp"].get("shared_hidden_dim", 0) == 0:  # n_shared_experts 0: transformers saves empty ones
+        rules.append(Ignore("model.layers.{i}.mlp.shared_experts.{path}", "n_shared_experts is 0", empty=True))
     rules += [
         Rename("model.layers.{i}.self_attn.kv_a_proj_with_mqa.{w}", "layers.{i}.attn.kv_a_proj.{w}"),
         Rename("model.layers.{i}.self_attn.{p}_layernorm.weight", "layers.{i}.attn.{p}_norm.weight"),

@@ -8,6 +8,12 @@ Differences from Llama, all expressed as specs:
 * softmax scale ``query_pre_attn_scalar ** -0.5`` instead of head_dim ** -0.5;
 * ``sliding_attention`` layers (5 of every 6 by default) use the window and the local RoPE base
   (10k); ``full_attention`` layers the global base (1M) and the config's rope scaling.
+
+transformers 5.23 reads two corner cases that no release hits differently: a 4.x ``rope_scaling``
+written with the legacy ``type`` key is merged into parameters that already say ``rope_type:
+default``, so it scales nothing; and YaRN's ``truncate`` is looked up at the top level of
+``rope_parameters``, never in the per-layer-type dicts that hold it. Here ``type`` means
+``rope_type`` and a per-layer ``truncate`` counts (the readings the files were written for).
 """
 
 from __future__ import annotations

@@ -21,9 +21,10 @@ from .common import (layer_types_from_hf, llama_rules, one_of, rope_from_hf, rou
                      sliding_overrides)
 
 
-# transformers 5.23's GptOssConfig default rope_parameters (used when config.json has none)
+# transformers 5.23's GptOssConfig default rope_parameters (used when config.json has none); without
+# a theta: the file's top-level rope_theta fills it, else the class's default_theta (150000)
 _DEFAULT_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
-                 "original_max_position_embeddings": 4096, "rope_theta": 150000.0}
+                 "original_max_position_embeddings": 4096}
 
 
 def gpt_oss_from_hf(hf: HFConfig) -> dict[str, Any]:

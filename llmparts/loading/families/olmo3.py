@@ -11,6 +11,8 @@ transformers 5.23 reads 4.x-style OLMo 3 files differently in two corner cases t
 its ``convert_rope_params_to_dict`` gives the sliding layers 500000 whatever ``rope_theta`` says, and
 drops a ``rope_scaling`` written with the legacy ``type`` key. Here both follow the 4.x reading (the
 one the checkpoints were written for): ``rope_theta`` is every layer's base, ``type`` means ``rope_type``.
+Likewise a YaRN ``truncate`` inside the per-layer-type dicts counts here; transformers looks for it at
+the top level of ``rope_parameters`` only (as for Gemma 3).
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ Differences from Llama:
 * ``no_rope_layers``: one flag per layer, **1 = the layer uses RoPE**, 0 = NoPE (q and k not rotated);
   default from ``no_rope_layer_interval`` (4): layer i is NoPE iff ``(i + 1) % 4 == 0``. NoPE layers
   become the per-layer override ``{position: {type: none}}``;
-* optional sliding window: only with ``use_sliding_window`` and ``sliding_window`` set, on the layers
-  ``layer_types`` marks ``sliding_attention`` (default: the NoPE layers); off in the release;
+* optional sliding window of ``sliding_window`` on the layers ``layer_types`` marks
+  ``sliding_attention``; without ``layer_types``, the NoPE layers when ``use_sliding_window`` is true
+  (off in the release). An explicit ``layer_types`` decides alone, as in transformers, whose masks
+  window those layers whatever ``use_sliding_window`` says (only its flash-attention path reads it);
 * no ``head_dim`` field (d_model / n_heads), RoPE base default 2e6, ``tie_word_embeddings`` default true.
 """
 
@@ -53,10 +55,7 @@ def smollm3_from_hf(hf: HFConfig) -> dict[str, Any]:
         for i in range(n)
     ]
     types = layer_types_from_hf(hf, n, default)
-    cfg["overrides"] = sliding_overrides(
-        hf, types, window if use_window else None,
-        no_window_reason="use_sliding_window is false" if window else "sliding_window is null",
-    )
+    cfg["overrides"] = sliding_overrides(hf, types, window, no_window_reason="sliding_window is null")
     nope = [i for i, f in enumerate(flags) if not f]
     if nope:
         cfg["overrides"].append({"layers": nope, "position": {"type": "none"}})
