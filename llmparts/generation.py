@@ -29,6 +29,17 @@ from .errors import ContextLengthError, InputError
 from .model import attention_mask_values, check_seed, check_token_ids
 
 DEFAULT_MAX_NEW_TOKENS = 256
+# generation_config.json fields generate() does not apply, with the values that mean "off" (transformers'
+# defaults); any other value is reported in a warning rather than dropped without a word
+UNAPPLIED_GENERATION_FIELDS = {
+    "min_new_tokens": (None, 0), "min_length": (None, 0), "no_repeat_ngram_size": (None, 0),
+    "num_beams": (None, 1), "num_beam_groups": (None, 1), "bad_words_ids": (None,), "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "encoder_repetition_penalty": (None, 1.0),
+    "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,), "sequence_bias": (None,), "guidance_scale": (None, 1.0),
+    "exponential_decay_length_penalty": (None,), "penalty_alpha": (None,), "top_h": (None,),
+    "num_return_sequences": (None, 1),
+}
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds activations (attention scores, MLP)
 
 
@@ -375,7 +386,8 @@ def generate(model: Any, tokenizer: Any = None,
       template (``add_generation_prompt=True``, plus ``template_kwargs``) -> the assistant's text.
     * ``prompt`` LongTensor (B, T) (left-padded with ``attention_mask`` when ragged) -> (B, T + n)
       LongTensor like transformers: prompt, then new ids, rows finished early padded with the pad id
-      (tokenizer pad, else first EOS, else 0); n is the number of steps run. A 1-D tensor -> 1-D.
+      (generation_config's ``pad_token_id``, else the tokenizer's, else the first EOS, else 0; it must
+      be a token of the model); n is the number of steps run. A 1-D tensor -> 1-D.
     * ``prompt`` list[list[int]] -> list[list[int]] of the new ids per row (up to and including the
       stop id, no padding); list[int] -> list[int].
     * ``stream=True`` (one prompt, needs a tokenizer) -> an iterator of text pieces that never split
@@ -396,9 +408,16 @@ def generate(model: Any, tokenizer: Any = None,
     the embedding is padded wider.
 
     Context: a prompt of ``max_seq_len`` tokens or more raises :class:`ContextLengthError`; otherwise
-    ``max_new_tokens`` (default 256) is clamped to ``max_seq_len - prompt_len`` (the padded length
-    for a batch), so prompt plus output never exceeds the context.
+    ``max_new_tokens`` (default: generation_config's ``max_new_tokens``, else its ``max_length`` minus
+    the prompt, else 256) is clamped to ``max_seq_len - prompt_len`` (the padded length for a batch),
+    so prompt plus output never exceeds the context. generation_config fields that llmparts does not
+    apply (beams, ``min_new_tokens``, ``no_repeat_ngram_size``, ...) are named in a warning.
     """
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise InputError(f"generate: model must be a llmparts model (load_pretrained / build_model), got "
+                         f"{type(model).__name__}")
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise InputError(f"attention_mask must be a (B, T) tensor of 0 / 1, got {type(attention_mask).__name__}")
     dev = _device(model)
     sampling_only = {"top_k": top_k, "top_p": top_p, "min_p": min_p, "seed": seed}  # as passed
     # generation_config.json (eos ids, sampling defaults): the tokenizer's, else the model's own
@@ -411,7 +430,15 @@ def generate(model: Any, tokenizer: Any = None,
     top_k, top_p = pick(top_k, sampled.get("top_k")), pick(top_p, sampled.get("top_p"))
     min_p = pick(min_p, sampled.get("min_p"))
     repetition_penalty = pick(repetition_penalty, gc.get("repetition_penalty"))
+    # transformers' order: max_new_tokens, else max_length (prompt included; applied below), else a default
+    max_length = gc.get("max_length") if max_new_tokens is None and gc.get("max_new_tokens") is None else None
     max_new_tokens = pick(max_new_tokens, pick(gc.get("max_new_tokens"), DEFAULT_MAX_NEW_TOKENS))
+    unapplied = [f"{k}={v!r}" for k, v in gc.items() if k in UNAPPLIED_GENERATION_FIELDS
+                 and v not in UNAPPLIED_GENERATION_FIELDS[k]]
+    if unapplied:
+        warnings.warn(f"generate: generation_config.json sets {', '.join(unapplied)}, which llmparts does not "
+                      "apply (greedy or sampled decoding, top_k / top_p / min_p, repetition_penalty only)",
+                      stacklevel=2)
     params = SamplingParams(pick(temperature, 0.0), pick(top_k, 0), pick(top_p, 1.0), min_p,
                             pick(repetition_penalty, 1.0))
     stops = check_arguments(params, max_new_tokens, stop, seed)
@@ -427,6 +454,11 @@ def generate(model: Any, tokenizer: Any = None,
         raise InputError(f"stop_token_ids={stop_token_ids!r} is invalid: expected token ids (ints >= 0), "
                          f"got {bad_stops[0]!r}")
     extra_stops = [int(i) for i in extra_stops]
+    vocab_limit = getattr(tokenizer, "vocab_size", None) or model.config.vocab_size
+    never = [i for i in extra_stops if i >= vocab_limit]
+    if never:
+        raise InputError(f"stop_token_ids={stop_token_ids!r}: {never[0]} is not a token id (the vocabulary has "
+                         f"{vocab_limit}); it could never stop generation")
     if stops:  # special tokens never appear in the decoded text: a stop string that is one stops on its id
         special = {tokenizer.id_to_token(i): i for i in getattr(tokenizer, "special_ids", ())}
         special.pop(None, None)
@@ -445,8 +477,16 @@ def generate(model: Any, tokenizer: Any = None,
     # ---- prompts -> left-padded ids (B, T) and mask
     eos_ids = [int(i) for i in _as_list(getattr(tokenizer, "eos_token_ids", None))]
     eos_ids += [int(i) for i in _as_list(gc.get("eos_token_id")) if int(i) not in eos_ids]
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    pad_id = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)
+    # the pad id of finished rows and of left padding: generation_config's (what transformers pads
+    # with), the tokenizer's, the first EOS, else 0; it is fed to the model, so it must be a token
+    pad_from = [(gc.get("pad_token_id"), "generation_config's pad_token_id"),
+                (getattr(tokenizer, "pad_token_id", None), "the tokenizer's pad_token_id"),
+                (eos_ids[0] if eos_ids else None, "the first EOS id (no pad id is set)"), (0, "")]
+    pad_id, pad_source = next((int(i), src) for i, src in pad_from if i is not None)
+    if not 0 <= pad_id < model.config.vocab_size:
+        raise InputError(f"the pad id {pad_id} ({pad_source}) is not a token of this model (vocab_size "
+                         f"{model.config.vocab_size}); finished and padded rows are fed it: set a valid "
+                         "pad_token_id in generation_config.json")
     one_d = False
     if isinstance(prompt, torch.Tensor):
         kind = "tensor"
@@ -463,6 +503,8 @@ def generate(model: Any, tokenizer: Any = None,
                 raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != prompt {tuple(prompt.shape)}")
             if not bool(mask[:, -1].all()):
                 raise InputError("attention_mask must be left-padded: the last column must be all ones")
+    elif attention_mask is not None:
+        raise InputError("attention_mask is only for token-id tensor prompts; list prompts are padded here")
     elif isinstance(prompt, list) and prompt and all(isinstance(x, numbers.Number) for x in prompt):
         kind, input_ids, mask = "ids", *_left_pad([_id_list(prompt, "prompt")], pad_id, dev)
     elif isinstance(prompt, list) and prompt and all(isinstance(x, (list, tuple)) for x in prompt):
@@ -472,8 +514,6 @@ def generate(model: Any, tokenizer: Any = None,
         kind, (input_ids, mask) = "id_lists", _left_pad([_id_list(r, f"prompt[{i}]") for i, r in enumerate(prompt)],
                                                         pad_id, dev)
     else:
-        if attention_mask is not None:
-            raise InputError("attention_mask is only for token-id tensor prompts")
         rows, kind = _encode_prompts(tokenizer, prompt, messages, chat, template_kwargs)
         for i, r in enumerate(rows):
             if not r:
@@ -481,6 +521,8 @@ def generate(model: Any, tokenizer: Any = None,
         input_ids, mask = _left_pad(rows, pad_id, dev)
     if kind in ("tensor", "ids", "id_lists") and messages is not None:
         raise InputError("pass either prompt or messages, not both")
+    if kind in ("tensor", "ids", "id_lists") and (chat or template_kwargs):
+        raise InputError("chat and template_kwargs apply to text prompts and messages, not to token ids")
     B, T = input_ids.shape
     if stream and (B != 1 or tokenizer is None):
         raise InputError(f"stream=True needs a tokenizer and exactly one prompt, got {B} prompts"
@@ -491,11 +533,15 @@ def generate(model: Any, tokenizer: Any = None,
     if T >= ctx:
         raise ContextLengthError(f"the prompt has {T} tokens but the model's context is {ctx} "
                                  f"(max_seq_len); it leaves no room for a new token")
+    if max_length is not None:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= T:
+            raise InputError(f"generation_config.json's max_length={max_length!r} (prompt included) leaves no "
+                             f"room after the {T}-token prompt; pass max_new_tokens")
+        max_new_tokens = max_length - T
     max_new_tokens = min(max_new_tokens, ctx - T)
 
     stop_ids = sorted(set(eos_ids + extra_stops))
     stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=dev)
-    vocab_limit = getattr(tokenizer, "vocab_size", None) or model.config.vocab_size
     generator = None
     if not params.greedy:
         generator = torch.Generator(device=dev)

@@ -15,6 +15,7 @@ Post-RoPE keys are stored. One cache may be reused for a new sequence after :met
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -106,6 +107,7 @@ class KVCache:
         self.next_pos = 0  # the position that continues the sequence contiguously
         self.contiguous = True  # every slot so far holds position == slot index + offset, no padding
         self.incomplete = False  # a forward began writing and did not commit (it raised or was interrupted)
+        self.fits: Any = None  # weakref to the model whose layout this cache was checked against
 
     def reset(self) -> None:
         """Forget every token; the buffers are kept for the next sequence."""

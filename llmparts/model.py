@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import types
 import warnings
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -329,6 +330,9 @@ class CausalLM(nn.Module):
             raise InputError(f"make_cache: max_seq_len must be an int >= 1 or None (the model's context), "
                              f"got {max_seq_len!r}")
         dtype = resolve_dtype(dtype, "make_cache: dtype")
+        device = resolve_device(device)
+        if device is not None and device.type == "meta" and self.device.type != "meta":
+            raise InputError("make_cache: a cache on the meta device holds no data; leave device unset (the model's)")
         if dtype is not None and dtype != self.dtype:
             raise InputError(f"make_cache: dtype {dtype} differs from the model's {self.dtype}; attention "
                              "reads the cache with the model's dtype (leave dtype unset)")
@@ -455,9 +459,34 @@ class CausalLM(nn.Module):
             raise InputError(f"pos shape {tuple(pos.shape)} does not match input_ids {(B, T)}")
         return pos, False
 
+    def _check_cache(self, cache: Any) -> None:
+        """An InputError unless ``cache`` is a KVCache laid out for this model's layers, dtype and device
+        (checked once per model and cache)."""
+        if not isinstance(cache, KVCache):
+            raise InputError(f"cache must be a KVCache (model.make_cache(batch_size)), got {type(cache).__name__}")
+        if cache.fits is not None and cache.fits() is self:
+            return
+        want = [(b.attn.spec.window, tuple(b.attn.cache_dims())) for b in self.layers]
+        have = [(kv.window, (kv.k.shape[1], kv.k.shape[3], kv.v.shape[3])) for kv in cache.layers]
+        if have != want:
+            raise InputError(f"this cache was made for another model ({len(have)} layers, windows and "
+                             f"(kv heads, key dim, value dim) {have[0]}... against {len(want)} layers, {want[0]}...); "
+                             "make one with this model's make_cache")
+        k = cache.layers[0].k
+        if (k.dtype, k.device) != (self.dtype, self.device):
+            raise InputError(f"the cache holds {k.dtype} on {k.device}, the model {self.dtype} on {self.device}; "
+                             "make one with this model's make_cache")
+        cache.fits = weakref.ref(self)
+
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, pos: Any = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor):
+            raise InputError(f"input_ids must be a (B, T) tensor of token ids, got {type(input_ids).__name__}")
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise InputError(f"attention_mask must be a (B, T) tensor, got {type(attention_mask).__name__}")
+        if cache is not None:
+            self._check_cache(cache)
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         check_token_ids(input_ids, "input_ids")
@@ -655,6 +684,12 @@ def resolve_device(device: torch.device | str | None, weights: bool = False) -> 
         raise ConfigError(f"device {device!r}: this torch sees {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} "
                           "CUDA device(s) (torch.cuda.is_available() is "
                           f"{torch.cuda.is_available()}); use 'cpu' or another device")
+    if dev.type not in ("cpu", "cuda", "meta"):  # mps, xpu, ...: whether this build and machine have it
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, NotImplementedError, AssertionError) as e:
+            raise ConfigError(f"device {device!r} is not available in this torch build or on this machine "
+                              f"({str(e).splitlines()[0]}); use 'cpu'") from None
     return dev
 
 

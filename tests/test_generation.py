@@ -329,6 +329,54 @@ def test_batch_rows_finished_early_are_padded():
     assert generate(model, tok, ["p", "longer prompt"], max_new_tokens=10) == ["ab", "abcdef"]
 
 
+def test_pad_id_is_generation_configs_and_must_be_a_token():
+    """Finished rows are padded with generation_config's pad_token_id, as transformers does (then the
+    tokenizer's, then the first EOS); a pad id the model has no embedding for fails before the prefill."""
+    tok = ByteTokenizer(generation_config={"pad_token_id": 3})
+    model = ScriptedLM([byte_ids("ab") + [tok.EOS], byte_ids("abcdef")])
+    out = generate(model, tok, torch.tensor([[1, 2], [3, 4]]), max_new_tokens=10)
+    assert out[0, 2:].tolist() == byte_ids("ab") + [tok.EOS] + [3] * 4
+    for gc, source in (({"pad_token_id": 300}, "generation_config's pad_token_id"),
+                       ({"eos_token_id": 999}, "the first EOS id")):
+        model = ScriptedLM([byte_ids("ab")])
+        model.generation_config = gc
+        with pytest.raises(InputError, match=rf"the pad id \d+ \({source}.*is not a token of this model"):
+            generate(model, None, [[1, 2], [3]], max_new_tokens=4)
+        assert model.calls == []
+
+
+def test_generation_config_max_length_and_unapplied_fields():
+    """max_length (prompt included) bounds the output when no max_new_tokens is set, as in transformers;
+    generation_config fields llmparts does not apply are named in a warning, "off" values are not."""
+    model = ScriptedLM([byte_ids("abcdefgh")])
+    assert generate(model, ByteTokenizer({"max_length": 5}), "x") == "abc"  # BOS + "x" + 3 new
+    assert generate(model, ByteTokenizer({"max_length": 5, "max_new_tokens": 4}), "x") == "abcd"
+    assert generate(model, ByteTokenizer({"max_length": 5}), "x", max_new_tokens=6) == "abcdef"
+    with pytest.raises(InputError, match=r"max_length=2 .prompt included. leaves no room after the 2-token prompt"):
+        generate(model, ByteTokenizer({"max_length": 2}), "x")
+    with pytest.warns(UserWarning, match=r"sets no_repeat_ngram_size=3, which llmparts does not apply") as record:
+        generate(model, ByteTokenizer({"no_repeat_ngram_size": 3, "num_beams": 1, "min_length": 0}), "x")
+    assert "num_beams" not in str(record[0].message) and "min_length" not in str(record[0].message)
+
+
+def test_arguments_that_would_be_ignored_are_refused():
+    tok = ByteTokenizer()
+    model = ScriptedLM([byte_ids("ab")])
+    cases = [
+        (dict(prompt=[5, 6], attention_mask=torch.ones(1, 2, dtype=torch.long)), "attention_mask is only for token-id tensor"),
+        (dict(prompt=torch.tensor([[5, 6]]), attention_mask=[[1, 1]]), "attention_mask must be a .B, T. tensor"),
+        (dict(prompt=[5, 6], chat=True), "chat and template_kwargs apply to text prompts"),
+        (dict(prompt=torch.tensor([[5, 6]]), template_kwargs={"enable_thinking": False}), "chat and template_kwargs"),
+        (dict(prompt="x", stop_token_ids=[260]), r"260 is not a token id .the vocabulary has 260."),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(InputError, match=match):
+            generate(model, tok, **kwargs)
+    with pytest.raises(InputError, match="model must be a llmparts model"):
+        generate(None, tok, "x")
+    assert model.calls == []
+
+
 def test_stop_strings_spanning_tokens():
     tok = ByteTokenizer()
     model = ScriptedLM([byte_ids("one two\n\nUser: three"), byte_ids("no stop here")])

@@ -333,3 +333,34 @@ def test_labels_with_last_only_raise_before_the_cache_records_anything():
     with torch.no_grad():
         model(ids, cache=cache)  # the cache is still usable from position 0
     assert cache.length == 5
+
+
+def test_a_cache_must_fit_the_model_and_is_left_usable_when_refused():
+    """A cache of another model (other windows, depth or head layout), dtype or device, or not a cache
+    at all, is refused by name before anything is written; the cache still serves its own model."""
+    from llmparts import ConfigError, InputError
+
+    model, other = tiny_model(window=8), tiny_model()
+    ids = ids_for(6)
+    cache = model.make_cache(2, 32)
+    model(ids, cache=cache)
+    for bad in (other.make_cache(2, 32), llmparts.build_model(config(window=8), seed=0).to(torch.float64).make_cache(2, 32)):
+        with pytest.raises(InputError, match="make one with this model's make_cache"):
+            model(ids[:, :1], cache=bad)
+    with pytest.raises(InputError, match="cache must be a KVCache"):
+        model(ids[:, :1], cache={"layers": []})
+    with pytest.raises(InputError, match="input_ids must be a .B, T. tensor"):
+        model([[1, 2]], cache=cache)
+    with pytest.raises(InputError, match="attention_mask must be a .B, T. tensor"):
+        model(ids, attention_mask=[[1] * 6] * 2)
+    assert not cache.incomplete
+    step = model(ids[:, :1], cache=cache)  # the refusals changed nothing
+    full = model(torch.cat((ids, ids[:, :1]), 1))
+    assert max_diff(step[:, -1], full[:, -1]) <= 1e-5
+    with pytest.raises(ConfigError, match="'bogus' is not a torch device"):
+        model.make_cache(1, device="bogus")
+    with pytest.raises(InputError, match="meta device holds no data"):
+        model.make_cache(1, device="meta")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ConfigError, match="not available in this torch build or on this machine"):
+            model.make_cache(1, device="mps")
