@@ -442,19 +442,49 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-def _cut_after_final_message(text: str, content: Any) -> str:
-    """``text`` up to the end of the final message's content (transformers' continue_final_message)."""
-    if isinstance(content, (list, tuple)):  # content parts: the last text part
-        texts = [p.get("text") for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str)]
-        content = texts[-1] if texts else None
-    if not isinstance(content, str) or not content.strip():
-        raise InputError("continue_final_message=True needs a final message with text content")
-    for piece in (content, content.strip()):  # (some templates strip the content)
-        at = text.rfind(piece)
-        if at >= 0:
-            return text[: at + len(piece)]
-    raise InputError("continue_final_message=True, but the final message's content does not appear in the "
-                     "rendered chat template")
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker, appended to the text to continue
+
+
+def _mark_final_message(chat: list[dict[str, Any]], field: str, template: str) -> str:
+    """Append :data:`_CONTINUE_TAG` to the final message's ``field`` (every alias of a reasoning field;
+    the last text part of list content) so that the rendered text can be cut right after it, as
+    transformers does for ``continue_final_message``; returns the text before marking."""
+    what = f"continue_final_message={field!r}" if field != "content" else "continue_final_message=True"
+    final = chat[-1].get(field)
+    if final is None:
+        raise InputError(f"{what}: the final message has no {field!r} to continue")
+    fields = [field]
+    if field in _REASONING_FIELDS:  # copied under several names: mark every copy, accept whichever the template reads
+        fields = [f for f in _REASONING_FIELDS if chat[-1].get(f) == final]
+    if not any(f in template for f in fields):
+        raise InputError(f"{what}: the chat template never reads the messages' {field!r}")
+    last = dict(chat[-1])
+    if isinstance(final, (list, tuple)):
+        parts = [dict(p) if isinstance(p, Mapping) else p for p in final]
+        for part in reversed(parts):
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                final, part["text"] = part["text"], part["text"] + _CONTINUE_TAG
+                break
+        else:
+            raise InputError(f"{what}: the final message has no text part to continue")
+        last[field] = parts
+    elif isinstance(final, str):
+        for f in fields:
+            last[f] = last[f] + _CONTINUE_TAG
+    else:
+        raise InputError(f"{what}: the final message's {field!r} must be text, got {type(final).__name__}")
+    chat[-1] = last
+    return final
+
+
+def _cut_at_mark(text: str, final: str) -> str:
+    """``text`` up to where :func:`_mark_final_message`'s marker was rendered (spacing a template trims
+    after the marker is trimmed before it too, as transformers does)."""
+    if final.strip() not in text or _CONTINUE_TAG.strip() not in text:
+        raise InputError("continue_final_message: the final message does not appear in the rendered chat "
+                         "(the template changes or drops it)")
+    at = text.rindex(_CONTINUE_TAG.strip())
+    return text[:at] if text[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
 
 
 def _alias_reasoning(message: dict[str, Any]) -> dict[str, Any]:
@@ -663,11 +693,15 @@ class Tokenizer:
         ``documents`` are passed as transformers passes them; ``chat_template=`` picks a named template or
         replaces the template. ``tokenize=True`` returns ids (no BOS added: templates write their own).
         ``continue_final_message=True`` (as in transformers) ends the text right after the last message's
-        content, with no generation prompt, so that generation continues that message.
+        content (a field name instead, such as ``"reasoning_content"``: after that field), with no
+        generation prompt, so that generation continues that message.
         """
         import jinja2
 
-        continue_final = bool(template_kwargs.pop("continue_final_message", False))
+        continue_final = template_kwargs.pop("continue_final_message", False)
+        if not isinstance(continue_final, (bool, str)) and continue_final is not None:
+            raise InputError(f"continue_final_message must be true / false or a message field name, got "
+                             f"{continue_final!r}")
         add_generation_prompt = add_generation_prompt and not continue_final
         tools = template_kwargs.pop("tools", None)
         documents = template_kwargs.pop("documents", None)
@@ -682,15 +716,18 @@ class Tokenizer:
             chat.append(_alias_reasoning(_plain({k: v for k, v in m.items() if v is not None})))
         if tools is not None and not all(isinstance(t, Mapping) for t in tools):
             raise InputError("tools must be JSON-schema dicts")
+        final = _mark_final_message(chat, continue_final if isinstance(continue_final, str) else "content",
+                                    template) if continue_final else None
         context = {**self.special_tokens, **_plain(template_kwargs)}
+        compiled = compile_chat_template(template)  # (a template that does not parse: ConfigError)
         try:
-            text = compile_chat_template(template).render(
+            text = compiled.render(
                 messages=chat, tools=_plain(tools), documents=_plain(documents),
                 add_generation_prompt=add_generation_prompt, **context)
-        except jinja2.exceptions.TemplateError as e:
-            raise InputError(f"chat template raised: {e}") from None
-        if continue_final:
-            text = _cut_after_final_message(text, chat[-1].get("content"))
+        except (jinja2.exceptions.TemplateError, TypeError, ValueError) as e:  # (data the template cannot use)
+            raise InputError(f"chat template raised: {type(e).__name__}: {e}") from None
+        if final is not None:
+            text = _cut_at_mark(text, final)
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def _pick_template(self, choice: str | None, tools: Any) -> str:

@@ -652,9 +652,27 @@ def test_template_inputs_str_enums_dataclasses_and_continue_final_message(smollm
     assert ours.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=False,
                                     extra=Text("v")) == ours.apply_chat_template(
         [{"role": "user", "content": "hi"}], add_generation_prompt=False, extra={"value": "v"})
-    with pytest.raises(InputError, match="continue_final_message"):
-        ours.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}],
-                                 continue_final_message=True)
+    # the cut is where the final content was rendered, not where its text last appears (transformers'
+    # marker): content repeated later by the template, empty, whitespace, in a list of parts
+    parts = ("{% for m in messages %}<{{ m.role }}>{% if m.content is string %}{{ m.content }}{% else %}"
+             "{% for p in m.content %}{{ p.text }} end{% endfor %}{% endif %}<end>\n{% endfor %}")
+    for content in ("end", "<", "im_end", "", "\n", "  x  ", [{"type": "text", "text": "a"}, {"type": "text", "text": "end"}]):
+        chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": content}]
+        kw = {"chat_template": parts} if isinstance(content, list) else {}
+        assert ours.apply_chat_template(chat, continue_final_message=True, **kw) == ref.apply_chat_template(
+            chat, tokenize=False, continue_final_message=True, **kw), content
+    with pytest.raises(InputError, match="chat template raised"):  # (its `+` meets a number)
+        ours.apply_chat_template([{"role": "user", "content": 5}])
+    # a field name continues that field (transformers' string form)
+    template = "{% for m in messages %}[{{ m.content }}|{{ m.reasoning_content }}]{% endfor %}"
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Answer", "reasoning_content": "think"}]
+    for how in (True, "reasoning_content"):
+        assert ours.apply_chat_template(chat, chat_template=template, continue_final_message=how) == \
+            ref.apply_chat_template(chat, chat_template=template, tokenize=False, continue_final_message=how)
+    with pytest.raises(InputError, match="the final message has no 'thinking' to continue"):
+        ours.apply_chat_template(chat[:1], continue_final_message="thinking")
+    with pytest.raises(InputError, match="continue_final_message must be true / false or a message field name"):
+        ours.apply_chat_template(chat, continue_final_message=1)
 
 
 def test_sentencepiece_user_defined_pieces_are_matched_whole(tmp_path):
