@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -477,6 +478,9 @@ def load_config(source: str | Path | dict[str, Any] | ModelConfig, overrides: li
         origin = source.name or "config"
     elif isinstance(source, dict):
         data, origin = source, "config"
+    elif not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(f"config must be a shipped config name, a YAML path, a dict or a ModelConfig, "
+                          f"got {type(source).__name__}")
     else:
         path = Path(source)
         if not path.is_file():

@@ -302,7 +302,12 @@ def _encode_prompts(tokenizer: Any, prompt: Any, messages: Any, chat: bool | Non
         raise InputError("nothing to generate from: pass a prompt or messages")
     if tokenizer is None:
         raise InputError("a text prompt or messages need a tokenizer (or pass token ids as a LongTensor)")
+    if not all(callable(getattr(tokenizer, f, None)) for f in ("encode", "decode")):
+        raise InputError(f"tokenizer must be a tokenizer (llmparts.Tokenizer.from_pretrained), got {type(tokenizer).__name__}")
     if messages is not None:
+        if not isinstance(messages, (list, tuple)):
+            raise InputError(f"messages must be a list of {{'role', 'content'}} dicts (or a list of such lists), "
+                             f"got {type(messages).__name__}")
         if chat is False:
             raise InputError("messages are always rendered with the chat template; chat=False contradicts that")
         if not messages:
@@ -325,6 +330,8 @@ def _encode_prompts(tokenizer: Any, prompt: Any, messages: Any, chat: bool | Non
     if template_kwargs is not None and not isinstance(template_kwargs, dict):
         raise InputError(f"template_kwargs must be a dict of template variables, got {template_kwargs!r}")
     kwargs = dict(template_kwargs or {})
+    if "tokenize" in kwargs:
+        raise InputError("template_kwargs cannot set tokenize: generate renders the template to text and encodes it")
     add_generation_prompt = kwargs.pop("add_generation_prompt", True)
     ids = []
     for i, conv in enumerate(conversations):

@@ -448,11 +448,17 @@ class CausalLM(nn.Module):
             if cache is not None and cache.next_pos < 0:
                 raise InputError("the cache holds padded or non-contiguous positions: pass pos explicitly")
             pos = start
+        if isinstance(pos, bool) or not isinstance(pos, (int, torch.Tensor, list, tuple)):
+            raise InputError(f"pos must be an int (the first token's position) or (B, T) / (T,) integer "
+                             f"positions, got {type(pos).__name__}")
         if isinstance(pos, int):
             if pos < 0:
                 raise InputError(f"pos must be >= 0, got {pos}")
             return torch.arange(pos, pos + T, device=dev).expand(B, T), True
-        pos = torch.as_tensor(pos, device=dev, dtype=torch.long)
+        pos = torch.as_tensor(pos, device=dev)
+        if pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
+            raise InputError(f"pos must hold integer positions, got dtype {pos.dtype}")
+        pos = pos.to(torch.long)
         if pos.dim() == 1:
             pos = pos.expand(B, T)
         if pos.shape != (B, T):
@@ -689,7 +695,7 @@ def resolve_device(device: torch.device | str | None, weights: bool = False) -> 
             torch.empty(0, device=dev)
         except (RuntimeError, NotImplementedError, AssertionError) as e:
             raise ConfigError(f"device {device!r} is not available in this torch build or on this machine "
-                              f"({str(e).splitlines()[0]}); use 'cpu'") from None
+                              f"({str(e).splitlines()[0].split('. ')[0]}); use 'cpu'") from None
     return dev
 
 

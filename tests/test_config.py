@@ -99,6 +99,14 @@ def test_unknown_shipped_name_lists_choices():
     assert "shipped:" in str(e.value)
 
 
+@pytest.mark.parametrize("source", [5, None, ["qwen3-0.6b"]])
+def test_a_source_of_the_wrong_type_is_named(source):
+    with pytest.raises(ConfigError, match=f"got {type(source).__name__}"):
+        llmparts.build_model(source)
+    with pytest.raises(ModelNotFoundError, match=f"must be a path or a Hub repo id .str., got {type(source).__name__}"):
+        llmparts.load_pretrained(source)
+
+
 def test_layer_selectors():
     assert select_layers("5::6", 18, "p") == (5, 11, 17)
     assert select_layers("0:3", 8, "p") == (0, 1, 2)

@@ -374,6 +374,12 @@ def test_arguments_that_would_be_ignored_are_refused():
             generate(model, tok, **kwargs)
     with pytest.raises(InputError, match="model must be a llmparts model"):
         generate(None, tok, "x")
+    with pytest.raises(InputError, match="tokenizer must be a tokenizer .* got str"):
+        generate(model, "gpt2", "x")
+    with pytest.raises(InputError, match="messages must be a list of"):
+        generate(model, tok, messages={"role": "user", "content": "x"})
+    with pytest.raises(InputError, match="template_kwargs cannot set tokenize"):
+        generate(model, tok, messages=[{"role": "user", "content": "x"}], template_kwargs={"tokenize": True})
     assert model.calls == []
 
 

@@ -353,6 +353,9 @@ def test_a_cache_must_fit_the_model_and_is_left_usable_when_refused():
         model([[1, 2]], cache=cache)
     with pytest.raises(InputError, match="attention_mask must be a .B, T. tensor"):
         model(ids, attention_mask=[[1] * 6] * 2)
+    for pos, match in (("6", "got str"), (True, "got bool"), (torch.tensor([[6.9], [6.9]]), "integer positions, got dtype")):
+        with pytest.raises(InputError, match=match):
+            model(ids[:, :1], cache=cache, pos=pos)
     assert not cache.incomplete
     step = model(ids[:, :1], cache=cache)  # the refusals changed nothing
     full = model(torch.cat((ids, ids[:, :1]), 1))

@@ -54,6 +54,8 @@ def looks_like_repo_id(source: str) -> bool:
 
 def resolve_source(source: str | os.PathLike[str], revision: str | None = None) -> Path:
     """A local path for ``source``: an existing directory or ``.gguf`` file, or a Hub snapshot."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise ModelNotFoundError(f"the model source must be a path or a Hub repo id (str), got {type(source).__name__}")
     text = os.fspath(source)
     if not text.strip():
         raise ModelNotFoundError("the model source is empty: pass a directory, a .gguf file or a Hub repo id")
