@@ -167,20 +167,28 @@ class IncrementalDecoder:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip) if ids else ""
 
+    def _delta(self, before: str, after: str) -> str:
+        """The text the ids after ``read`` add. Where the decode of the window no longer begins with
+        the text already emitted, the decoder rewrote it (byte fallback replaces a whole run of byte
+        tokens by U+FFFD when one of them is invalid, completed characters included): then the new ids
+        decoded alone, so that nothing emitted is repeated and each invalid byte gives one U+FFFD."""
+        return after[len(before) :] if after.startswith(before) else self._decode(self.ids[self.read :])
+
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
         before = self._decode(self.ids[self.prefix : self.read])
         after = self._decode(self.ids[self.prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        delta = "" if after.endswith("\ufffd") else self._delta(before, after)
+        if delta:
             self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before) :]
-        return ""
+        return delta
 
     def flush(self) -> str:
         before = self._decode(self.ids[self.prefix : self.read])
         after = self._decode(self.ids[self.prefix :])
+        delta = self._delta(before, after)
         self.prefix = self.read = len(self.ids)
-        return after[len(before) :]
+        return delta
 
 
 class TextTracker:

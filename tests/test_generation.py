@@ -425,6 +425,28 @@ def test_incremental_decoder_holds_partial_characters():
     assert "".join(got) == "aSTx" and got[:3] == ["a", "", ""]
 
 
+class RunFallbackTokenizer(ByteTokenizer):
+    """Decodes like byte fallback in `tokenizers`: a run of byte tokens with an invalid UTF-8 sequence
+    becomes one U+FFFD per byte, completed characters of the run included."""
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        data = bytes(i for i in ids if i < 256)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "\ufffd" * len(data)
+
+
+def test_incremental_decoder_never_repeats_text_a_decoder_rewrites():
+    """A later invalid byte makes such a decoder rewrite text already emitted; the stream then adds the
+    new bytes' own text: the emitted characters stay, each invalid byte gives one U+FFFD."""
+    tok = RunFallbackTokenizer()
+    for data, want in ((b"A\xb3", "A\ufffd"), ("\U0002000b\U0002000b".encode()[:-1], "\U0002000b" + "\ufffd" * 3),
+                       (b"ab\xffcd", "ab" + "\ufffd" * 3), ("é€".encode(), "é€")):
+        dec = IncrementalDecoder(tok)
+        assert "".join(dec.push(b) for b in data) + dec.flush() == want, data
+
+
 def test_stream_yields_before_the_end():
     tok = ByteTokenizer()
     model = ScriptedLM([byte_ids("abc")])
