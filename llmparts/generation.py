@@ -441,6 +441,11 @@ def generate(model: Any, tokenizer: Any = None,
     if gc.get("do_sample") and sampled["temperature"] is None:
         sampled["temperature"] = 1.0
     pick = lambda value, default: value if value is not None else default  # noqa: E731
+    passed = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+              "repetition_penalty": repetition_penalty, "max_new_tokens": max_new_tokens}
+    from_file = {k: v for k, v in {**sampled, "repetition_penalty": gc.get("repetition_penalty"),
+                                   "max_new_tokens": gc.get("max_new_tokens")}.items()
+                 if v is not None and passed[k] is None}  # (named in errors about them)
     temperature = pick(temperature, sampled.get("temperature"))
     top_k, top_p = pick(top_k, sampled.get("top_k")), pick(top_p, sampled.get("top_p"))
     min_p = pick(min_p, sampled.get("min_p"))
@@ -456,7 +461,13 @@ def generate(model: Any, tokenizer: Any = None,
                       stacklevel=2)
     params = SamplingParams(pick(temperature, 0.0), pick(top_k, 0), pick(top_p, 1.0), min_p,
                             pick(repetition_penalty, 1.0))
-    stops = check_arguments(params, max_new_tokens, stop, seed)
+    try:
+        stops = check_arguments(params, max_new_tokens, stop, seed)
+    except InputError as e:
+        named = [f"{k}={v!r}" for k, v in from_file.items() if f"{k}=" in str(e)]
+        if named:
+            raise InputError(f"{e} (generation_config.json sets {', '.join(named)}; pass the argument to override it)") from None
+        raise
     unused = [f"{k}={v!r}" for k, v in sampling_only.items() if v is not None] if params.greedy else []
     if unused:
         warnings.warn(f"generate: {', '.join(unused)} only apply when sampling, and temperature is "

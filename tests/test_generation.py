@@ -352,6 +352,10 @@ def test_generation_config_max_length_and_unapplied_fields():
     assert generate(model, ByteTokenizer({"max_length": 5}), "x") == "abc"  # BOS + "x" + 3 new
     assert generate(model, ByteTokenizer({"max_length": 5, "max_new_tokens": 4}), "x") == "abcd"
     assert generate(model, ByteTokenizer({"max_length": 5}), "x", max_new_tokens=6) == "abcdef"
+    with pytest.raises(InputError, match=r"generation_config.json sets max_new_tokens=0; pass the argument"):
+        generate(model, ByteTokenizer({"max_new_tokens": 0}), "x")
+    with pytest.raises(InputError, match=r"generation_config.json sets temperature=-1"):
+        generate(model, ByteTokenizer({"do_sample": True, "temperature": -1}), "x")
     with pytest.raises(InputError, match=r"max_length=2 .prompt included. leaves no room after the 2-token prompt"):
         generate(model, ByteTokenizer({"max_length": 2}), "x")
     with pytest.warns(UserWarning, match=r"sets no_repeat_ngram_size=3, which llmparts does not apply") as record:
