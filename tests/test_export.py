@@ -40,6 +40,28 @@ def test_build_export_load_in_transformers(model_type, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
 
 
+def test_export_keeps_token_ids_and_a_gemma3_without_sliding_layers_runs(tmp_path):
+    """The model's generation_config (bos / eos / pad) is written to generation_config.json and its ids
+    to config.json, so an exported model still stops at EOS in both libraries; a Gemma 3 with no
+    sliding layer states a window anyway, as transformers' Gemma 3 builds its sliding mask regardless."""
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=160, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=6, max_position_embeddings=128,
+        layer_types=["full_attention", "full_attention"], bos_token_id=5, eos_token_id=[7, 9], pad_token_id=0)
+    transformers.Gemma3ForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    ours = llmparts.load_pretrained(tmp_path / "src")
+    out = save_pretrained(ours, tmp_path / "out")
+    ref = hf_reference(out)
+    assert (ref.generation_config.bos_token_id, ref.generation_config.eos_token_id) == (5, [7, 9])
+    assert (ref.config.bos_token_id, ref.config.eos_token_id, ref.config.pad_token_id) == (5, [7, 9], 0)
+    again = llmparts.load_pretrained(out)
+    assert again.generation_config == ours.generation_config
+    assert [layer.attention.window for layer in again.config.layers] == [None, None]
+    x = torch.randint(0, 160, (2, 20))
+    with torch.no_grad():
+        assert (ref(x).logits - ours(x)).abs().max().item() <= 1e-4
+
+
 def test_export_needs_a_family(tmp_path):
     with pytest.raises(llmparts.ConfigError, match="model_type"):
         save_pretrained(llmparts.build_model("tiny/qwen3"), tmp_path)

@@ -102,6 +102,10 @@ def save_pretrained(model: CausalLM, out_dir: str | Path, model_type: str | None
         raise ConfigError(f"save_pretrained: this model cannot be written as model_type {model_type!r}: its "
                           f"config uses components that family does not have ({e})") from None
     _check_expressible(model.config, cfg, model_type, extra_config)
+    # the model's generation defaults (generation_config.json, or the token ids of the files it came
+    # from): their token ids in config.json too, as transformers writes them; extra_config wins
+    generation = dict(getattr(model, "generation_config", None) or {})
+    cfg.update({k: generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if generation.get(k) is not None})
     cfg.update(extra_config or {})
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +115,10 @@ def save_pretrained(model: CausalLM, out_dir: str | Path, model_type: str | None
         if old.is_file():
             old.unlink()
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if generation:
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    elif (out / "generation_config.json").is_file():  # (an earlier save's)
+        (out / "generation_config.json").unlink()
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, p in model.named_parameters():
@@ -141,12 +149,10 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype 
     from . import load_gguf
 
     model = load_gguf(gguf_path, dtype or torch.float32)
-    tokens = dict(model.generation_config)  # the GGUF's bos / eos / pad ids
-    out = save_pretrained(model, out_dir, model.hf_model_type, dtype, extra_config=tokens)
+    tokens = dict(model.generation_config)  # the GGUF's bos / eos / pad ids: config.json's
     tok = Tokenizer.from_gguf(gguf_path)
+    if tok.eos_token_ids:  # every stop id the tokenizer knows, in generation_config.json
+        model.generation_config["eos_token_id"] = tok.eos_token_ids if len(tok.eos_token_ids) > 1 else tok.eos_token_ids[0]
+    out = save_pretrained(model, out_dir, model.hf_model_type, dtype, extra_config=tokens)
     tok.save_pretrained(out)
-    gen = dict(tokens)
-    if tok.eos_token_ids:
-        gen["eos_token_id"] = tok.eos_token_ids if len(tok.eos_token_ids) > 1 else tok.eos_token_ids[0]
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out

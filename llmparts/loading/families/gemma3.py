@@ -118,8 +118,10 @@ def gemma3_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     a = cfg.layers[0].attention
     scale = a.scale if a.scale is not None else a.head_dim**-0.5
     rope = {"full_attention": rope_to_hf(full.position)}
-    if local is not None:
-        rope["sliding_attention"] = rope_to_hf(local.position)
+    # transformers' Gemma 3 builds its sliding-window mask whether or not a layer uses it, so a model
+    # without sliding layers still states a window (the context: it would cut nothing) and a local base
+    rope["sliding_attention"] = rope_to_hf(local.position) if local is not None else {
+        "rope_type": "default", "rope_theta": LOCAL_THETA}
     return {
         "model_type": "gemma3_text",
         "architectures": ["Gemma3ForCausalLM"],
@@ -136,7 +138,7 @@ def gemma3_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_embeddings,
         "pad_token_id": cfg.embedding.padding_idx,
         "query_pre_attn_scalar": int(round(scale**-2)) if abs(scale**-2 - round(scale**-2)) < 1e-6 else scale**-2,
-        "sliding_window": local.attention.window if local is not None else None,
+        "sliding_window": local.attention.window if local is not None else cfg.max_seq_len,
         "layer_types": ["full_attention" if layer.attention.window is None else "sliding_attention" for layer in layers],
         "final_logit_softcapping": cfg.logit_softcap,
         "rope_parameters": rope,
