@@ -508,11 +508,12 @@ def generate(model: Any, tokenizer: Any = None,
     pad_from = [(gc.get("pad_token_id"), "generation_config's pad_token_id"),
                 (getattr(tokenizer, "pad_token_id", None), "the tokenizer's pad_token_id"),
                 (eos_ids[0] if eos_ids else None, "the first EOS id (no pad id is set)"), (0, "")]
-    pad_id, pad_source = next((int(i), src) for i, src in pad_from if i is not None)
-    if not 0 <= pad_id < model.config.vocab_size:
+    pad_id, pad_source = next((i, src) for i, src in pad_from if i is not None)
+    if isinstance(pad_id, bool) or not isinstance(pad_id, numbers.Integral) or not 0 <= pad_id < model.config.vocab_size:
         raise InputError(f"the pad id {pad_id} ({pad_source}) is not a token of this model (vocab_size "
                          f"{model.config.vocab_size}); finished and padded rows are fed it: set a valid "
                          "pad_token_id in generation_config.json")
+    pad_id = int(pad_id)
     one_d = False
     if isinstance(prompt, torch.Tensor):
         kind = "tensor"
