@@ -65,11 +65,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from .loading import load_pretrained
     from .tokenizer import Tokenizer
 
+    from .model import resolve_device
+
     source = str(default_model_path()) if args.model is None else args.model
+    resolve_device(args.device, weights=True)  # the arguments first, then the files
+    tok = Tokenizer.from_pretrained(source)  # before the weights: a missing tokenizer fails at once
     model = load_pretrained(source, dtype=args.dtype, device=args.device)
     if getattr(args, "compile", False):
         model.compile_decode()
-    tok = Tokenizer.from_pretrained(source)
     return model, tok
 
 

@@ -20,6 +20,18 @@ def test_unusable_device(capsys, tmp_path, device):
     assert err.startswith("error: device") and device in err
 
 
+def test_a_missing_tokenizer_is_reported_before_the_weights_load(capsys, tmp_path, monkeypatch):
+    import llmparts.loading
+
+    from llmparts.loading.export import save_pretrained
+
+    save_pretrained(llmparts.build_model("tiny/qwen3"), tmp_path, "qwen3")
+    loads = []
+    monkeypatch.setattr(llmparts.loading, "load_pretrained", lambda *a, **k: loads.append(a))
+    assert main(["generate", "--model", str(tmp_path), "hello"]) == 2
+    assert "no tokenizer found" in capsys.readouterr().err and loads == []
+
+
 def test_invalid_repo_id(capsys):
     assert main(["download", "../etc"]) == 2
     assert "neither a local path nor a valid Hub repo id" in capsys.readouterr().err
