@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from ..errors import ConfigError, LLMPartsError
 from ..config import ModelConfig
 from ..model import CausalLM, resolve_dtype
+from . import TOKEN_ID_KEYS
 from .checkpoint import INDEX, SINGLE
 from .families import HFConfig, family_for
 from .weight_map import Rename
@@ -105,7 +106,7 @@ def save_pretrained(model: CausalLM, out_dir: str | Path, model_type: str | None
     # the model's generation defaults (generation_config.json, or the token ids of the files it came
     # from): their token ids in config.json too, as transformers writes them; extra_config wins
     generation = dict(getattr(model, "generation_config", None) or {})
-    cfg.update({k: generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if generation.get(k) is not None})
+    cfg.update({k: generation[k] for k in TOKEN_ID_KEYS if generation.get(k) is not None})
     cfg.update(extra_config or {})
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     out.mkdir(parents=True, exist_ok=True)
