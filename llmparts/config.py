@@ -201,8 +201,14 @@ def select_layers(selector: Any, n_layers: int, path: str) -> tuple[int, ...]:
             if len(nums) == 3 and nums[2] is not None and nums[2] <= 0:
                 raise ConfigError(f"{path}: slice step must be > 0 in {selector!r}")
             idx = tuple(range(n_layers)[slice(*nums)])
-            if not idx:
-                raise ConfigError(f"{path}: slice {selector!r} selects no layer of {n_layers}")
+            # A stepped slice is a pattern ("every 6th layer from 5"): a model shorter than its first
+            # layer has none of them (a 4-layer Gemma 3 is all local). A range that selects nothing
+            # names layers the model does not have.
+            if not idx and not (len(nums) == 3 and nums[2] is not None and nums[2] > 1):
+                raise ConfigError(
+                    f"{path}: slice {selector!r} selects no layer of {n_layers}; give a range within "
+                    f"0:{n_layers} (a stepped pattern such as '5::6' may select none)"
+                )
             return idx
     if not isinstance(selector, (list, tuple)) or not selector:
         raise ConfigError(f"{path}: invalid layer selector {selector!r}")
