@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import llmparts
+
 from llmparts.cli import main
 
 
@@ -54,3 +56,17 @@ def test_sampling_flags_are_checked_before_loading(capsys, tmp_path, command, fl
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and name in err and "missing" not in err
+
+
+def test_inspect_a_config_json_and_refuse_other_files(capsys, tmp_path):
+    """`inspect DIR/config.json` reads that config (it used to be read as a GGUF file: "bad magic")."""
+    from llmparts.loading.export import save_pretrained
+
+    save_pretrained(llmparts.build_model("tiny/qwen3"), tmp_path / "m", "qwen3")
+    assert main(["inspect", str(tmp_path / "m" / "config.json")]) == 0
+    out = capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "m")]) == 0
+    assert capsys.readouterr().out == out
+    (tmp_path / "notes.txt").write_text("hello")
+    assert main(["inspect", str(tmp_path / "notes.txt")]) == 2
+    assert "a file must be a .gguf model or a config.json" in capsys.readouterr().err

@@ -33,8 +33,10 @@ from .weight_map import Target, plan_assignment
 
 
 def read_hf_config(directory: Path, strict: bool = True) -> tuple[ModelConfig, dict[str, Any], Family]:
-    """Parse ``directory/config.json`` into a ModelConfig through its family adapter."""
-    path = directory / "config.json"
+    """Parse ``directory/config.json`` (or ``directory`` itself, a JSON file) into a ModelConfig
+    through its family adapter."""
+    path = directory if directory.is_file() else directory / "config.json"
+    directory = path.parent
     if not path.is_file():
         raise ModelNotFoundError(f"{directory}: no config.json (expected a Hugging Face model directory)")
     hf = HFConfig(_json_object(path), str(path))
@@ -78,7 +80,8 @@ def load_pretrained(source: str | Path, dtype: torch.dtype | str | None = None,
     path = resolve_source(source, revision)
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ModelNotFoundError(f"{source}: a file must be a .gguf model; otherwise pass a model directory")
+            raise ModelNotFoundError(f"{source}: a file must be a .gguf model; otherwise pass a model directory"
+                                     + (f" ({path.parent})" if path.name == "config.json" else ""))
         return load_gguf(path, dtype, device)
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
@@ -127,10 +130,16 @@ def _generation_config(directory: Path) -> dict[str, Any]:
 
 
 def config_of(source: str | Path) -> ModelConfig:
-    """The ModelConfig of a Hub repo id, HF directory or GGUF file, without reading any weights."""
+    """The ModelConfig of a Hub repo id, HF directory, config.json or GGUF file, without reading any weights."""
     path = resolve_source(source)
+    if path.is_file() and path.suffix == ".json":  # a config.json on its own
+        return read_hf_config(path)[0]
     if path.is_file():
         from .gguf import GGUFFile
+
+        if path.suffix != ".gguf":
+            raise ModelNotFoundError(f"{source}: a file must be a .gguf model or a config.json; otherwise pass "
+                                     "a model directory")
 
         return _gguf_config(GGUFFile(path))[0]
     return read_hf_config(path)[0]
