@@ -34,7 +34,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import ConfigError, ModelNotFoundError, closest
-from .registry import spec_class
+from .registry import spec_class, types_of
 from .specs import DEFAULT_TYPES, Spec
 
 LAYER_KINDS = ("attention", "position", "norm", "mlp", "block")
@@ -147,6 +147,12 @@ def parse_spec(kind: str, data: Any, path: str) -> Spec:
         f = fields[key]
         kwargs[key] = _check_value(value, hints[key], f"{path}.{key}", f.metadata.get("kind"))
     return cls(**kwargs)
+
+
+def _fields_of(kind: str, data: dict[str, Any], path: str) -> dict[str, Any]:
+    """``data`` without the keys its ``type`` does not have."""
+    fields = {f.name for f in dataclasses.fields(spec_class(kind, data.get("type", DEFAULT_TYPES[kind]), path))}
+    return {k: v for k, v in data.items() if k in fields}
 
 
 def spec_to_dict(spec: Spec) -> dict[str, Any]:
@@ -346,6 +352,7 @@ class ModelConfig:
     def _resolve_layers(self, path: str) -> tuple[LayerSpec, ...]:
         base = {k: spec_to_dict(getattr(self, k)) for k in LAYER_KINDS}
         touched: dict[int, dict[str, str]] = {i: {} for i in range(self.n_layers)}
+        untyped: dict[int, dict[str, set[str]]] = {i: {} for i in range(self.n_layers)}  # keys set without a type
         per_layer = [copy.deepcopy(base) for _ in range(self.n_layers)]
         for k, ov in enumerate(self.overrides):
             for i in ov.layers:
@@ -353,23 +360,48 @@ class ModelConfig:
                     start = per_layer[i][kind]
                     if "type" in patch and patch["type"] != start.get("type") and patch["type"] == base[kind].get("type"):
                         start = base[kind]  # back to the model's own type: its settings, not the type's defaults
+                    elif "type" in patch and patch["type"] == start.get("type", DEFAULT_TYPES[kind]):
+                        # Naming the type the layer has keeps its settings of that type, but not those an
+                        # earlier override wrote for another type (`position.type=none` on Gemma 3, whose
+                        # own override sets the global layers' RoPE theta, then `layers[5::6].position.type=none`).
+                        start = _fields_of(kind, start, f"{path}.overrides[{k}].{kind}")
                     per_layer[i][kind] = deep_merge(start, patch)
                     touched[i][kind] = f"{path}.overrides[{k}].{kind}"
+                    untyped[i][kind] = set() if "type" in patch else untyped[i].get(kind, set()) | set(patch)
         cache: dict[str, LayerSpec] = {}
         out = []
         for i, raw in enumerate(per_layer):
             key = repr(raw)
             if key not in cache:  # most layers share their specs: resolve each distinct one once
-                cache[key] = self._resolve_one(raw, touched[i], path, i)
+                cache[key] = self._resolve_one(raw, touched[i], untyped[i], path, i)
             out.append(cache[key])
         return tuple(out)
 
-    def _resolve_one(self, raw: dict[str, Any], touched: dict[str, str], path: str, i: int) -> LayerSpec:
+    def _resolve_one(self, raw: dict[str, Any], touched: dict[str, str], untyped: dict[str, set[str]], path: str,
+                     i: int) -> LayerSpec:
         def p(kind: str) -> str:
             return touched.get(kind, f"{path}.{kind}") + f" (layer {i})"
 
         ctx: dict[str, Any] = {"d_model": self.d_model, "max_seq_len": self.max_seq_len, "layer": i}
-        specs = {kind: parse_spec(kind, raw[kind], p(kind)) for kind in LAYER_KINDS}
+        specs = {}
+        for kind in LAYER_KINDS:
+            try:
+                specs[kind] = parse_spec(kind, raw[kind], p(kind))
+            except ConfigError as e:
+                kind_type = raw[kind].get("type", DEFAULT_TYPES[kind]) if isinstance(raw[kind], dict) else None
+                if kind not in touched or not isinstance(kind_type, str) or "unknown key" not in str(e):
+                    raise
+                # the keys were set by overrides that did not name a type, and another type has them
+                foreign = set(raw[kind]) - set(_fields_of(kind, raw[kind], p(kind)))
+                other_types = [spec_class(kind, t, p(kind)) for t in types_of(kind) if t != kind_type]
+                if not foreign <= untyped.get(kind, set()) or not any(
+                        foreign <= {f.name for f in dataclasses.fields(c)} for c in other_types):
+                    raise
+                raise ConfigError(
+                    f"{e}; an override wrote it for another {kind} type. To keep type {kind_type!r} on this "
+                    f"layer, add the override 'layers[{i}].{kind}.type={kind_type}': naming the type drops "
+                    "the settings it does not have"
+                ) from None
         ctx["position"] = specs["position"]  # as written: MLA's softmax scale depends on YaRN's mscale
         attn = specs["attention"].resolve(ctx, p("attention"))
         ctx["attention"] = attn

@@ -168,6 +168,24 @@ def test_type_swapped_back_to_the_models_own_takes_its_settings():
     assert c.layers[2] == c.layers[0]
 
 
+def test_a_layer_type_named_again_drops_settings_written_for_another_type():
+    # gemma3-270m's own override sets theta 1e6 on its global layers; NoPE everywhere makes that theta
+    # meaningless: the error says how to name the type for those layers, and naming it builds
+    with pytest.raises(ConfigError, match=r"overrides\[0\]\.position \(layer 5\): unknown key 'theta'.*"
+                       r"add the override 'layers\[5\]\.position\.type=none'"):
+        load_config("gemma3-270m", ["position.type=none"])
+    c = load_config("gemma3-270m", ["position.type=none", "layers[5::6].position.type=none"])
+    assert {layer.position.type for layer in c.layers} == {"none"}
+    # naming the type a layer already has keeps its settings of that type
+    c = load_config("gemma3-270m", ["layers[5::6].position.type=rope"])
+    assert [c.layers[i].position.theta for i in (0, 5, 11)] == [1e4, 1e6, 1e6]
+    # a misspelt key, or one the same override wrote with the type, gets no such hint
+    for overrides in (["layers[1].position.thetaa=3.0"], ["layers[1].position={type: none, theta: 5.0}"]):
+        with pytest.raises(ConfigError) as e:
+            load_config("gemma3-270m", overrides)
+        assert "add the override" not in str(e.value)
+
+
 def test_cli_override_errors():
     raises("tiny/qwen3", "config.attention", "'windw'", "did you mean 'window'", overrides=["attention.windw=4"])
     with pytest.raises(ConfigError, match="expected 'path.to.field=value'"):
