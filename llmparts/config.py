@@ -375,14 +375,21 @@ class ModelConfig:
             if key not in cache:  # most layers share their specs: resolve each distinct one once
                 cache[key] = self._resolve_one(raw, touched[i], untyped[i], path, i)
             out.append(cache[key])
+        if any(all(raw[kind] != base[kind] for raw in per_layer) for kind in LAYER_KINDS):
+            # A default that every layer overrides is checked too: a bad value there is not ignored
+            # (deepseek-v3 with n_layers=3 has only dense layers; its MoE settings must still be valid).
+            self._resolve_one(base, {}, {}, path, None)
         return tuple(out)
 
     def _resolve_one(self, raw: dict[str, Any], touched: dict[str, str], untyped: dict[str, set[str]], path: str,
-                     i: int) -> LayerSpec:
-        def p(kind: str) -> str:
-            return touched.get(kind, f"{path}.{kind}") + f" (layer {i})"
+                     i: int | None) -> LayerSpec:
+        """Layer ``i``'s specs; ``i=None`` checks the defaults (``raw`` is then the top-level specs)."""
+        where = f" (layer {i})" if i is not None else " (the default, though every layer overrides it in part)"
 
-        ctx: dict[str, Any] = {"d_model": self.d_model, "max_seq_len": self.max_seq_len, "layer": i}
+        def p(kind: str) -> str:
+            return touched.get(kind, f"{path}.{kind}") + where
+
+        ctx: dict[str, Any] = {"d_model": self.d_model, "max_seq_len": self.max_seq_len}
         specs = {}
         for kind in LAYER_KINDS:
             try:

@@ -147,9 +147,23 @@ class YarnRopeScaling(Spec):
         _positive(path, "factor", factor, allow_none=False)
         for name in ("beta_fast", "beta_slow", "attention_factor"):
             _positive(path, name, getattr(self, name))
+        if self.beta_fast < self.beta_slow:  # (the correction range would be reversed)
+            raise ConfigError(
+                f"{path}: beta_fast ({self.beta_fast}) must be >= beta_slow ({self.beta_slow}); YaRN's defaults are "
+                "32 and 1"
+            )
         attn = self.attention_factor
         if attn is None:
-            attn = yarn_attention_factor(factor, self.mscale, self.mscale_all_dim)
+            try:
+                attn = yarn_attention_factor(factor, self.mscale, self.mscale_all_dim)
+            except ZeroDivisionError:
+                attn = math.inf
+            if not (math.isfinite(attn) and attn > 0):
+                raise ConfigError(
+                    f"{path}: mscale ({self.mscale}) and mscale_all_dim ({self.mscale_all_dim}) give an attention "
+                    f"factor of {attn:g} at factor {factor:g}; it must be finite and > 0 (set attention_factor, or mscale values "
+                    "around 1)"
+                )
         return dataclasses.replace(self, factor=float(factor), attention_factor=float(attn))
 
 

@@ -91,6 +91,20 @@ def test_unknown_types_and_rope_scalings():
            "llama3", "yarn")
     raises(cfg(position__scaling={"type": "llama3", "factor": 8.0, "orig": 3}), "'orig'", "original_max_seq_len")
     raises(cfg(position__scaling={"type": "linear", "factor": -1.0}), "factor must be > 0")
+    # YaRN's correction range reversed, or an attention factor that is not positive
+    raises(cfg(position__scaling={"type": "yarn", "factor": 4.0, "beta_fast": 1.0, "beta_slow": 32.0}),
+           "beta_fast (1.0) must be >= beta_slow (32.0)")
+    raises(cfg(position__scaling={"type": "yarn", "factor": 4.0, "mscale": -100.0, "mscale_all_dim": 1.0}),
+           "attention factor of -11.2969", "must be finite and > 0")
+    c = load_config(cfg(position__scaling={"type": "yarn", "factor": 4.0, "mscale": -1.0, "mscale_all_dim": 1.0}))
+    assert 0 < c.layers[0].position.scaling.attention_factor < 1  # unusual, but a valid factor
+
+
+def test_a_default_every_layer_overrides_is_still_checked():
+    # deepseek-v3 cut to its 3 dense layers uses no MoE layer; a bad MoE default is refused, not ignored
+    assert {layer.mlp.type for layer in load_config("deepseek-v3", ["n_layers=3"]).layers} == {"gated"}
+    raises("deepseek-v3", "config.mlp (the default, though every layer overrides it in part).topk_groups",
+           "got 500", overrides=["n_layers=3", "mlp.topk_groups=500"])
 
 
 def test_unknown_shipped_name_lists_choices():
