@@ -494,8 +494,11 @@ def _set_path(data: dict[str, Any], parts: list[str], value: Any, text: str) -> 
             raise ConfigError(f"override {text!r}: {'.'.join(parts[: j + 1])} is {nxt!r}, not a mapping")
         node = nxt
     last = parts[-1]
-    if last == "type" and node.get("type") not in (None, value):
-        node.clear()  # a new component type starts from its own defaults
+    if last == "type" and node:
+        parent = parts[-2] if len(parts) > 1 else ""
+        current = node.get("type", DEFAULT_TYPES.get("rope_scaling" if parent == "scaling" else parent))
+        if current is not None and current != value:  # (a type left out is its kind's default type)
+            node.clear()  # a new component type starts from its own defaults
     node[last] = value
 
 

@@ -433,6 +433,11 @@ class MoESpec(Spec):
             _positive(path, name, getattr(self, name))
         if self.shared_hidden_dim < 0:
             raise ConfigError(f"{path}.shared_hidden_dim must be >= 0 (0: no shared expert), got {self.shared_hidden_dim}")
+        if self.shared_hidden_dim and self.activation == "clamped_swiglu":
+            raise ConfigError(
+                f"{path}: activation clamped_swiglu (GPT-OSS's, routed experts only) has no shared-expert form; "
+                f"set shared_hidden_dim: 0 (got {self.shared_hidden_dim}) or another activation"
+            )
         if self.aux_loss_coef < 0:
             raise ConfigError(f"{path}.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
         G, g = self.n_groups, self.topk_groups
@@ -486,6 +491,8 @@ class EmbeddingSpec(Spec):
 
     def resolve(self, ctx: dict[str, Any], path: str) -> "EmbeddingSpec":
         vocab = ctx["vocab_size"]
+        if not isinstance(self.scale, str):
+            _positive(path, "scale", self.scale)  # (a number; or none / sqrt_d_model)
         if self.padding_idx is not None and not 0 <= self.padding_idx < vocab:
             raise ConfigError(f"{path}.padding_idx must be a token id in [0, vocab_size {vocab}) or null, "
                               f"got {self.padding_idx}; with a smaller vocab_size, also override "

@@ -200,6 +200,26 @@ def test_a_layer_type_named_again_drops_settings_written_for_another_type():
         assert "add the override" not in str(e.value)
 
 
+def test_a_type_change_replaces_a_component_whose_type_was_left_out():
+    # `type` left out means the kind's default type: switching away from it must not keep its fields
+    implicit = cfg(position={"theta": 1e6}, mlp={"hidden_dim": 32, "activation": "relu"})
+    implicit["mlp"].pop("type", None)
+    c = load_config(implicit, ["mlp.type=plain", "mlp.hidden_dim=32", "position.type=none"])
+    assert (c.layers[0].mlp.type, c.layers[0].mlp.activation, c.layers[0].position.type) == ("plain", "gelu", "none")
+    c = load_config(implicit, ["mlp.type=gated"])  # naming the default type changes nothing
+    assert (c.layers[0].mlp.activation, c.layers[0].position.theta) == ("relu", 1e6)
+
+
+@pytest.mark.parametrize("scale", [0, -2.0])
+def test_a_numeric_embedding_scale_must_be_positive(scale):
+    raises(cfg(embedding={"scale": scale}), "config.embedding.scale must be > 0", repr(scale))
+
+
+def test_a_range_past_the_last_layer_stops_there():
+    assert select_layers("2:10", 4, "p") == (2, 3)
+    assert [layer.mlp.type for layer in load_config("deepseek-v3", ["n_layers=2"]).layers] == ["gated", "gated"]
+
+
 def test_cli_override_errors():
     raises("tiny/qwen3", "config.attention", "'windw'", "did you mean 'window'", overrides=["attention.windw=4"])
     with pytest.raises(ConfigError, match="expected 'path.to.field=value'"):

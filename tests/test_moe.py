@@ -85,8 +85,7 @@ def naive(moe: MoE, x: torch.Tensor) -> torch.Tensor:
             y = P["experts.down_proj"][e] @ mid + (P["experts.down_bias"][e] if s.expert_bias else 0)
             out[n] += we * s.scaling_factor * y
         if s.shared_hidden_dim:
-            sh = "silu" if s.activation == "clamped_swiglu" else s.activation
-            mid = act(sh, P["shared.gate_proj.weight"] @ h) * (P["shared.up_proj.weight"] @ h)
+            mid = act(s.activation, P["shared.gate_proj.weight"] @ h) * (P["shared.up_proj.weight"] @ h)
             out[n] += P["shared.down_proj.weight"] @ mid
     return out.view(x.shape)
 
@@ -109,8 +108,13 @@ CASES = {
     "gelu_tanh_shared_bias": dict(activation="gelu_tanh", shared_hidden_dim=8, expert_bias=True),
     "gelu_router_bias": dict(activation="gelu", router_bias=True, normalize=True),
     "relu_all_experts": dict(activation="relu", top_k=8),
-    "clamped_shared": dict(activation="clamped_swiglu", swiglu_limit=0.5, swiglu_alpha=2.0, shared_hidden_dim=8),
 }
+
+
+def test_a_shared_expert_with_the_clamped_activation_is_refused():
+    """GPT-OSS's clamped SwiGLU exists for routed experts only; a shared expert used to fall back to SiLU."""
+    with pytest.raises(ConfigError, match="clamped_swiglu .* has no shared-expert form; set shared_hidden_dim: 0"):
+        make(activation="clamped_swiglu", swiglu_limit=0.5, swiglu_alpha=2.0, shared_hidden_dim=8)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -343,8 +343,8 @@ class MoE(nn.Module):
         self.experts = Experts(spec, d_model)
         self.shared: GatedMLP | None = None
         if spec.shared_hidden_dim > 0:
-            act = spec.activation if spec.activation in ACTIVATIONS else "silu"  # no model shares a clamped expert
-            self.shared = GatedMLP(GatedMLPSpec(hidden_dim=spec.shared_hidden_dim, activation=act), d_model)
+            # (MoESpec refuses a shared expert with clamped_swiglu)
+            self.shared = GatedMLP(GatedMLPSpec(hidden_dim=spec.shared_hidden_dim, activation=spec.activation), d_model)
         self.aux_loss: torch.Tensor | None = None
         self.router_logits: torch.Tensor | None = None
 
