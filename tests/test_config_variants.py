@@ -90,6 +90,11 @@ CASES = {
     "deepseek_v3-all-dense": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, dict(
         first_k_dense_replace=3, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, **MLA),
         _set(n_group=None, topk_group=None)),
+    # Qwen3-MoE with every layer in mlp_only_layers: all dense; transformers never reads the experts'
+    # fields, so a top_k above the expert count does not matter
+    "qwen3_moe-all-dense": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
+        head_dim=16, num_experts=4, num_experts_per_tok=8, moe_intermediate_size=16, mlp_only_layers=[0, 1]),
+        lambda c: None),
     # SmolLM3: an explicit layer_types windows its sliding layers whatever use_sliding_window says
     # (transformers' masks do; only its flash-attention path reads the flag)
     "smollm3-layer_types-without-flag": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM, dict(

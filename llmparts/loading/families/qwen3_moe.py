@@ -32,17 +32,18 @@ def qwen3_moe_from_hf(hf: HFConfig) -> dict[str, Any]:
         cfg["attention"]["window"] = check_window(hf, window)
     n_experts = one_of(hf, ("num_experts", "num_local_experts"), 0)
     dense = cfg["mlp"]
-    if not n_experts:
-        for key in ("num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
-                    "mlp_only_layers", "router_aux_loss_coef"):
-            hf.get(key)
-        return cfg
     step = hf.get("decoder_sparse_step", 1)
     only = hf.get("mlp_only_layers", [])
-    if not isinstance(step, int) or step < 1:
-        raise ConfigError(f"{hf.source}: decoder_sparse_step must be an integer >= 1, got {step!r}")
-    if not isinstance(only, list) or any(not isinstance(i, int) or not 0 <= i < n for i in only):
-        raise ConfigError(f"{hf.source}: mlp_only_layers must list layer indices in [0, {n}), got {only!r}")
+    if n_experts:
+        if not isinstance(step, int) or step < 1:
+            raise ConfigError(f"{hf.source}: decoder_sparse_step must be an integer >= 1, got {step!r}")
+        if not isinstance(only, list) or any(not isinstance(i, int) or not 0 <= i < n for i in only):
+            raise ConfigError(f"{hf.source}: mlp_only_layers must list layer indices in [0, {n}), got {only!r}")
+    dense_layers = [i for i in range(n) if i in only or (i + 1) % step != 0] if n_experts else list(range(n))
+    if len(dense_layers) == n:  # no MoE layer: the experts' fields describe nothing (as in transformers)
+        for key in ("num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "router_aux_loss_coef"):
+            hf.get(key)
+        return cfg
     cfg["mlp"] = {
         "type": "moe",
         "n_experts": n_experts,
@@ -53,7 +54,6 @@ def qwen3_moe_from_hf(hf: HFConfig) -> dict[str, Any]:
         "normalize": hf.flag("norm_topk_prob", False),
         "aux_loss_coef": router_aux_loss_coef(hf),
     }
-    dense_layers = [i for i in range(n) if i in only or (i + 1) % step != 0]
     cfg["overrides"] = moe_dense_overrides(dense_layers, dense)
     return cfg
 
