@@ -39,8 +39,8 @@ _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # (also bytes that are not UTF-8, nesting past the parser's depth)
+        raise ConfigError(f"{path}: invalid JSON ({type(e).__name__}: {e})") from None
 
 
 def _content(value: Any) -> str | None:

@@ -147,6 +147,51 @@ def test_truncated_safetensors(qwen_dir):
         llmparts.load_pretrained(qwen_dir)
 
 
+def _rewrite_header(path, edit):
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    data = raw[8 + n:]
+    data = edit(header, data) or data
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def _shift(key, by):
+    def edit(header, data):
+        header[key]["data_offsets"] = [o + by for o in header[key]["data_offsets"]]
+    return edit
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    # offsets that overlap the previous tensor, leave a gap, or bytes after the last tensor: the
+    # safetensors library refuses all of these; they used to load other tensors' bytes
+    (_shift("model.norm.weight", -8), "must follow each other"),
+    (lambda h, d: d + b"\0" * 8, "the tensors end at byte"),
+    (lambda h, d: h["model.norm.weight"].update(data_offsets=[str(o) for o in h["model.norm.weight"]["data_offsets"]]),
+     "malformed header entry for 'model.norm.weight'"),
+    (lambda h, d: h["model.norm.weight"].update(shape=[32.0]), "malformed header entry"),
+    (lambda h, d: h.update(__metadata__=["pt"]), "__metadata__ must map strings to strings"),
+    (lambda h, d: h.update(__metadata__={"x": 1}), "__metadata__ must map strings to strings"),
+])
+def test_corrupt_safetensors_headers_are_refused(qwen_dir, edit, fragment):
+    _rewrite_header(qwen_dir / "model.safetensors", edit)
+    with pytest.raises(CheckpointError, match="model.safetensors") as e:
+        llmparts.load_pretrained(qwen_dir)
+    assert fragment in str(e.value)
+
+
+def test_a_deeply_nested_header_or_config_is_refused(qwen_dir):
+    f = qwen_dir / "model.safetensors"
+    text = b'{"x": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    f.write_bytes(len(text).to_bytes(8, "little") + text)
+    with pytest.raises(CheckpointError, match="RecursionError"):
+        llmparts.load_pretrained(qwen_dir)
+    (qwen_dir / "config.json").write_text('{"model_type": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(ConfigError, match="config.json"):
+        llmparts.load_pretrained(qwen_dir)
+
+
 def test_missing_shard(qwen_dir, tmp_path):
     m = transformers.AutoModelForCausalLM.from_pretrained(qwen_dir)
     out = tmp_path / "sharded"
@@ -155,6 +200,25 @@ def test_missing_shard(qwen_dir, tmp_path):
     shard.unlink()
     with pytest.raises(CheckpointError, match=f"missing: {shard.name}"):
         llmparts.load_pretrained(out)
+
+
+@pytest.mark.parametrize("weight_map, fragment", [
+    (["model-00001-of-00002.safetensors"], "'weight_map' object"),
+    ({"model.norm.weight": 3}, "got 3"),
+    ({"model.norm.weight": None}, "got None"),
+    ({"model.norm.weight": "../elsewhere.safetensors"}, "the file name of a shard"),
+])
+def test_a_malformed_shard_index_is_refused(qwen_dir, tmp_path, weight_map, fragment):
+    m = transformers.AutoModelForCausalLM.from_pretrained(qwen_dir)
+    out = tmp_path / "sharded"
+    m.save_pretrained(out, max_shard_size="20KB")
+    index = out / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"] = weight_map if not isinstance(weight_map, dict) else {**data["weight_map"], **weight_map}
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json") as e:
+        llmparts.load_pretrained(out)
+    assert fragment in str(e.value)
 
 
 def test_errors_are_llmparts_errors():

@@ -113,8 +113,8 @@ TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")  # a config's i
 def _json_object(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except ValueError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # (RecursionError: nested deeper than the parser goes)
+        raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data

@@ -28,10 +28,7 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"{directory}: has both {SINGLE} and {INDEX} (sharded), so which weights are "
                                   f"meant is ambiguous (transformers reads {SINGLE}); remove the stale one")
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            weight_map = read_index(index)
             shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not (directory / s).is_file()]
             if missing:
@@ -118,10 +115,33 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index: tensor name -> shard file name (a plain file
+    name in the index's directory)."""
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{index}: not a valid index ({type(e).__name__}: {e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid index: expected a JSON object with a 'weight_map' object")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard in (".", ".."):
+            raise CheckpointError(f"{index}: weight_map[{key!r}] must be the file name of a shard in "
+                                  f"{index.parent}, got {shard!r}")
+    return weight_map
+
+
+def _natural(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
     """Parse a safetensors header without mapping the file: key -> (dtype, shape, offset, nbytes).
 
-    Every offset is checked against the file size, so a truncated file fails here, before loading.
+    Checked as the safetensors format requires (its reference implementation refuses the same files):
+    well-typed entries, offsets that match each shape and dtype and, in order, tile the data buffer
+    exactly (no overlap, gap or trailing bytes). So a truncated or corrupt file fails here, before loading.
     """
     size = path.stat().st_size
     try:
@@ -135,30 +155,47 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
             header = json.loads(fh.read(n))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({type(e).__name__}: {e})") from None
     base = 8 + n
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: not a valid safetensors file (__metadata__ must map strings to strings)")
     out = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: malformed header entry for {key!r}") from None
+        ok = isinstance(info, dict) and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
+        if ok:
+            dtype, shape, offsets = info.get("dtype"), info["shape"], info["data_offsets"]
+            ok = isinstance(dtype, str) and all(map(_natural, shape)) and len(offsets) == 2 and all(map(_natural, offsets))
+        if not ok:
+            raise CheckpointError(f"{path}: malformed header entry for {key!r}: expected dtype (a string), shape (a list "
+                                  f"of integers >= 0) and data_offsets (two integers >= 0), got {info!r}"[:400])
         if dtype not in DTYPES:
             raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
+        begin, end = offsets
         numel = 1
         for d in shape:
             numel *= d
         itemsize = DTYPES[dtype].itemsize
-        if end - begin != numel * itemsize or begin < 0:
-            raise CheckpointError(f"{path}: tensor {key!r} has inconsistent offsets for shape {shape} {dtype}")
+        if end - begin != numel * itemsize:
+            raise CheckpointError(f"{path}: tensor {key!r} has inconsistent offsets for shape {tuple(shape)} {dtype}")
         if base + end > size:
             raise CheckpointError(
                 f"{path}: file is truncated: tensor {key!r} ends at byte {base + end} but the file has {size} bytes"
             )
-        out[key] = (dtype, shape, base + begin, end - begin)
+        out[key] = (dtype, tuple(shape), base + begin, end - begin)
+    at = base
+    for key, (_, _, start, length) in sorted(out.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if start != at:
+            raise CheckpointError(f"{path}: not a valid safetensors file: tensor {key!r} starts at byte {start}, "
+                                  f"where {'the previous tensor ends at' if at > base else 'the data begins at'} {at} "
+                                  "(tensors must follow each other without overlap or gap)")
+        at += length
+    if at != size:
+        raise CheckpointError(f"{path}: not a valid safetensors file: the tensors end at byte {at} but the file has "
+                              f"{size} bytes")
     return out
 
 
@@ -169,10 +206,7 @@ class PickleCheckpoint:
     def __init__(self, directory: Path) -> None:
         index = directory / "pytorch_model.bin.index.json"
         if index.is_file():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid index ({e})") from None
+            names = sorted(set(read_index(index).values()))
         else:
             names = sorted(p.name for p in directory.glob("*.bin"))
         missing = [n for n in names if not (directory / n).is_file()]
