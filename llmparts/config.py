@@ -91,9 +91,11 @@ def _check_value(value: Any, annotation: Any, path: str, hints_kind: str | None 
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            if not (isinstance(value, float) and value.is_integer()):
+                raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            value = int(value)
+        if not -(2**63) <= value < 2**63:  # (torch sizes and indices are 64-bit)
+            raise ConfigError(f"{path}: {value} does not fit a 64-bit integer")
         return value
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e6" (no dot) as a string
@@ -103,6 +105,8 @@ def _check_value(value: Any, annotation: Any, path: str, hints_kind: str | None 
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if isinstance(value, int) and not -(2**1023) < value < 2**1023:
+            raise ConfigError(f"{path}: {value} is beyond a float's range")
         if not math.isfinite(value):
             raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)

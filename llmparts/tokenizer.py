@@ -610,6 +610,10 @@ class Tokenizer:
         if extra_special:
             backend.add_special(extra_special)
         gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
+        if gen:
+            from .loading import checked_token_ids
+
+            checked_token_ids(gen, path / "generation_config.json")
         return cls(backend, special, template, gen, str(path))
 
     # ---------------------------------------------------------------- text <-> ids

@@ -221,6 +221,32 @@ def test_a_malformed_shard_index_is_refused(qwen_dir, tmp_path, weight_map, frag
     assert fragment in str(e.value)
 
 
+def test_shards_and_index_must_agree(qwen_dir, tmp_path):
+    m = transformers.AutoModelForCausalLM.from_pretrained(qwen_dir)
+    out = tmp_path / "sharded"
+    m.save_pretrained(out, max_shard_size="20KB")
+    index = out / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    key = "model.norm.weight"
+    other = next(s for s in sorted(set(data["weight_map"].values())) if s != data["weight_map"][key])
+    for change in ({**data["weight_map"], key: other}, {k: v for k, v in data["weight_map"].items() if k != key}):
+        index.write_text(json.dumps({**data, "weight_map": change}))
+        with pytest.raises(CheckpointError, match="missing from the index or listed in another shard"):
+            llmparts.load_pretrained(out)
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda d: (d / "generation_config.json").write_text('{"eos_token_id": "x"}'),
+     "generation_config.json: eos_token_id must be a token id"),
+    (lambda d: edit_config(d, dtype="float7"), "dtype must name a torch dtype"),
+    (lambda d: edit_config(d, hidden_size=10**400), "does not fit a 64-bit integer"),
+])
+def test_bad_values_in_the_config_files_are_named(qwen_dir, edit, fragment):
+    edit(qwen_dir)
+    with pytest.raises(ConfigError, match=fragment):
+        llmparts.load_pretrained(qwen_dir)
+
+
 def test_errors_are_llmparts_errors():
     for cls in (CheckpointError, ConfigError, ModelNotFoundError, UnsupportedModelError):
         assert issubclass(cls, llmparts.LLMPartsError)

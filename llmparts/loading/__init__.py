@@ -39,7 +39,13 @@ def read_hf_config(directory: Path, strict: bool = True) -> tuple[ModelConfig, d
     directory = path.parent
     if not path.is_file():
         raise ModelNotFoundError(f"{directory}: no config.json (expected a Hugging Face model directory)")
-    hf = HFConfig(_json_object(path), str(path))
+    data = _json_object(path)
+    for key in ("dtype", "torch_dtype"):  # (informational: the weights' own dtype is the default)
+        v = data.get(key)
+        if v is not None and not (isinstance(v, str) and isinstance(getattr(torch, v.removeprefix("torch."), None),
+                                                                     torch.dtype)):
+            raise ConfigError(f"{path}: {key} must name a torch dtype (e.g. \"bfloat16\") or be null, got {v!r}")
+    hf = HFConfig(data, str(path))
     quant = parse_quant_config(hf.get("quantization_config"), str(path))
     family = family_for(hf.get("model_type"), str(path))
     raw = family.config_from_hf(hf)
@@ -120,13 +126,26 @@ def _json_object(path: Path) -> dict[str, Any]:
     return data
 
 
+def checked_token_ids(gen: Any, source: Path) -> dict[str, Any]:
+    """``gen`` (a generation config read from ``source``) after checking its token ids."""
+    if not isinstance(gen, dict):
+        raise ConfigError(f"{source}: expected a JSON object")
+    for key in TOKEN_ID_KEYS:
+        ids = gen.get(key)
+        # (only the type: old configs carry -1 for "none"; generate() checks the ids against the vocabulary)
+        if not all(isinstance(i, int) and not isinstance(i, bool)
+                   for i in (ids if isinstance(ids, list) else [] if ids is None else [ids])):
+            raise ConfigError(f"{source}: {key} must be a token id (an integer), a list of them or null, got {ids!r}")
+    return gen
+
+
 def _generation_config(directory: Path) -> dict[str, Any]:
     """generation_config.json, or else the token ids config.json names (as transformers derives a
     generation config from the model config)."""
     if (directory / "generation_config.json").is_file():
-        return _json_object(directory / "generation_config.json")
+        return checked_token_ids(_json_object(directory / "generation_config.json"), directory / "generation_config.json")
     data = _json_object(directory / "config.json")
-    return {k: data[k] for k in TOKEN_ID_KEYS if data.get(k) is not None}
+    return checked_token_ids({k: data[k] for k in TOKEN_ID_KEYS if data.get(k) is not None}, directory / "config.json")
 
 
 def config_of(source: str | Path) -> ModelConfig:

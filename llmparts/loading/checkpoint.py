@@ -66,6 +66,13 @@ class SafetensorsCheckpoint:
                 raise CheckpointError(
                     f"{index}: {len(absent)} tensor(s) listed in the index are not in the shards, e.g. {absent[:3]}"
                 )
+            elsewhere = sorted(k for k, (f, _, _) in self._where.items() if weight_map.get(k) != f.name)
+            if elsewhere:  # (an index that disagrees with its shards is a broken checkpoint: which is right?)
+                k = elsewhere[0]
+                raise CheckpointError(
+                    f"{index}: {len(elsewhere)} tensor(s) of the shards are missing from the index or listed in "
+                    f"another shard, e.g. {k!r} is in {self._where[k][0].name}, the index says {weight_map.get(k)!r}"
+                )
 
     def dominant_dtype(self) -> torch.dtype | None:
         """The dtype most floating-point tensors are stored in."""
@@ -132,6 +139,14 @@ def read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        dup = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
+        raise ValueError(f"key {dup!r} appears twice in the header")
+    return out
+
+
 def _natural(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -152,7 +167,7 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
             n = int.from_bytes(raw, "little")
             if n <= 0 or 8 + n > size:
                 raise ValueError(f"header length {n} does not fit the file size {size}")
-            header = json.loads(fh.read(n))
+            header = json.loads(fh.read(n), object_pairs_hook=_unique_keys)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
