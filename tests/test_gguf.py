@@ -249,3 +249,57 @@ def test_gemma3_attention_scale_as_llama_cpp(tmp_path, layers, scale):
     w.close()
     scales = {spec.attention.scale for spec in config_of(tmp_path / "g.gguf").layers}
     assert len(scales) == 1 and scales.pop() == pytest.approx(scale)
+
+
+def _patch_after(raw: bytes, name: str, skip: int, value: bytes) -> bytes:
+    """``raw`` with the bytes ``skip`` bytes after GGUF string ``name`` (length-prefixed) replaced by ``value``."""
+    key = len(name).to_bytes(8, "little") + name.encode()
+    at = raw.index(key) + len(key) + skip
+    return raw[:at] + value + raw[at + len(value):]
+
+
+def test_a_corrupt_tensor_table_is_refused(tiny_llama, tmp_path):
+    """Tensor data must follow the table in order at aligned offsets (llama.cpp's rule): an offset that
+    overlaps the previous tensor, or a dimension whose product wraps past 64 bits, used to load garbage
+    or fail inside torch."""
+    good = write_llama_gguf(tmp_path / "t.gguf", tiny_llama)
+    raw = good.read_bytes()
+    # the second tensor's offset (after n_dims u32, two u64 dims and the type u32) set to the first's (0)
+    from llmparts.loading.gguf_format import GGUFContainer
+
+    second = list(GGUFContainer(good).tensors)[1]
+    bad = tmp_path / "overlap.gguf"
+    bad.write_bytes(_patch_after(raw, second, 4 + 2 * 8 + 4, (0).to_bytes(8, "little")))
+    with pytest.raises(CheckpointError, match=f"tensor '{second}' starts at data offset 0, expected"):
+        llmparts.load_pretrained(bad)
+    bad.write_bytes(_patch_after(raw, "token_embd.weight", 4 + 8, (2**59).to_bytes(8, "little")))
+    with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+        llmparts.load_pretrained(bad)
+
+
+@pytest.mark.parametrize("key, skip, value, fragment", [
+    ("llama.attention.head_count", 4, (0).to_bytes(4, "little"), "head_count must be > 0, got 0"),
+    ("llama.embedding_length", 4, (2**31).to_bytes(4, "little"), "embedding_length is 2147483648 but the token "
+                                                                  "embedding is"),
+])
+def test_bad_gguf_metadata_values_are_named(tiny_llama, tmp_path, key, skip, value, fragment):
+    bad = tmp_path / "m.gguf"
+    bad.write_bytes(_patch_after(write_llama_gguf(tmp_path / "t.gguf", tiny_llama).read_bytes(), key, skip, value))
+    with pytest.raises(CheckpointError, match=fragment):
+        llmparts.load_pretrained(bad)
+
+
+@pytest.mark.parametrize("value", ["x", [1.0, 2.0]])
+def test_a_non_numeric_gguf_float_is_named(tiny_llama, tmp_path, monkeypatch, value):
+    from llmparts.loading.gguf_format import GGUFContainer
+
+    path = write_llama_gguf(tmp_path / "t.gguf", tiny_llama)
+    init = GGUFContainer.__init__
+
+    def patched(self, p):
+        init(self, p)
+        self.fields["llama.rope.freq_base"] = value
+
+    monkeypatch.setattr(GGUFContainer, "__init__", patched)
+    with pytest.raises(CheckpointError, match="llama.rope.freq_base must be a number"):
+        llmparts.load_pretrained(path)

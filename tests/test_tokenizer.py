@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from llmparts.errors import CheckpointError, ConfigError, InputError, ModelNotFoundError, UnsupportedModelError
+from llmparts.errors import CheckpointError, ConfigError, InputError, LLMPartsError, ModelNotFoundError, UnsupportedModelError
 from llmparts.tokenizer import Tokenizer
 from realmodels import gemma3_gguf, smollm2_gguf
 
@@ -711,3 +711,18 @@ def test_split_special_tokens(smol_dir, sp_dir, tmp_path):
         assert ours.encode(text) == ref.encode(text) and len(ours.encode(text, add_special_tokens=False)) > 3
     sp = Tokenizer.from_pretrained(_copy(sp_dir, tmp_path / "sp", split_special_tokens=True))
     assert sp.token_to_id("</s>") not in sp.encode("a</s>", add_special_tokens=False)
+
+
+def test_inconsistent_gguf_tokenizer_metadata_is_named(tmp_path, monkeypatch):
+    """Metadata of the wrong type, or merges of tokens the vocabulary lacks, used to escape as a TypeError
+    or the tokenizers library's bare Exception."""
+    from llmparts.loading import gguf_tokenizer
+
+    path = _write_gguf(tmp_path / "bpe.gguf", "gpt2")
+    read = gguf_tokenizer.read_tokenizer_metadata
+    for edit, fragment in (({"tokenizer.ggml.tokens": [0, 1, 2, 3]}, "tokens must be an array of str values, got 0"),
+                           ({"tokenizer.ggml.merges": ["a b", "q z"]}, "does not make a 'gpt2' tokenizer"),
+                           ({"tokenizer.ggml.model": [7]}, "is not supported")):
+        monkeypatch.setattr(gguf_tokenizer, "read_tokenizer_metadata", lambda p, edit=edit: {**read(p), **edit})
+        with pytest.raises(LLMPartsError, match=fragment):
+            Tokenizer.from_gguf(path)

@@ -95,14 +95,14 @@ def _rope_scaling(f: "GGUFFile") -> dict[str, Any] | None:
     kind = f.meta(f"{f.arch}.rope.scaling.type", None)
     if kind in (None, "none"):
         return None
-    factor = f.meta(f"{f.arch}.rope.scaling.factor")
+    factor = f.meta_float(f"{f.arch}.rope.scaling.factor")
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(factor)}
+        return {"rope_type": "linear", "factor": factor}
     if kind == "yarn":
-        out = {"rope_type": "yarn", "factor": float(factor)}
-        orig = f.meta(f"{f.arch}.rope.scaling.original_context_length", None)
+        out = {"rope_type": "yarn", "factor": factor}
+        orig = f.meta_int(f"{f.arch}.rope.scaling.original_context_length", None)
         if orig is not None:
-            out["original_max_position_embeddings"] = int(orig)
+            out["original_max_position_embeddings"] = orig
         return out
     raise UnsupportedModelError(f"{f.path}: {f.arch}.rope.scaling.type {kind!r} is not supported (linear, yarn)")
 
@@ -119,6 +119,8 @@ def _common_config(f: "GGUFFile") -> dict[str, Any]:
     a = f.arch
     n_heads = f.meta_int(f"{a}.attention.head_count")
     d_model = f.meta_int(f"{a}.embedding_length")
+    if n_heads <= 0:
+        raise CheckpointError(f"{f.path}: GGUF metadata {a}.attention.head_count must be > 0, got {n_heads}")
     head_dim = (f.meta_int(f"{a}.attention.key_length", None) or f.meta_int(f"{a}.rope.dimension_count", None)
                 or d_model // n_heads)
     value_dim = f.meta_int(f"{a}.attention.value_length", head_dim)
@@ -127,7 +129,10 @@ def _common_config(f: "GGUFFile") -> dict[str, Any]:
     rope_dim = f.meta_int(f"{a}.rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise UnsupportedModelError(f"{f.path}: partial rotary ({a}.rope.dimension_count={rope_dim} < head_dim {head_dim})")
-    vocab = f.shapes["model.embed_tokens.weight"][0]
+    vocab, width = f.shapes["model.embed_tokens.weight"]
+    if width != d_model:  # (checked before any module is built from the sizes)
+        raise CheckpointError(f"{f.path}: GGUF metadata {a}.embedding_length is {d_model} but the token embedding "
+                              f"is {width} wide")
     cfg = {
         "vocab_size": int(vocab),
         "hidden_size": d_model,
@@ -137,7 +142,7 @@ def _common_config(f: "GGUFFile") -> dict[str, Any]:
         "num_key_value_heads": f.meta_int(f"{a}.attention.head_count_kv", n_heads),
         "head_dim": int(head_dim),
         "max_position_embeddings": f.meta_int(f"{a}.context_length"),
-        "rms_norm_eps": float(f.meta(f"{a}.attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": f.meta_float(f"{a}.attention.layer_norm_rms_epsilon"),
         "tie_word_embeddings": "lm_head.weight" not in f.shapes,
     }
     for key, meta in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id"),
@@ -163,7 +168,7 @@ def _llama_config(f: "GGUFFile") -> dict[str, Any]:
     cfg = _common_config(f)
     # optional in llama.cpp's llama graph (Qwen2-style exports carry them): present in block 0 or absent
     cfg["attention_bias"] = "blk.0.attn_q.bias" in f.raw_names
-    rope = {"rope_type": "default", "rope_theta": float(f.meta("llama.rope.freq_base", 10000.0))}
+    rope = {"rope_type": "default", "rope_theta": f.meta_float("llama.rope.freq_base", 10000.0)}
     rope.update(_rope_scaling(f) or {})
     cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu", rope_parameters=rope)
     return cfg
@@ -171,13 +176,13 @@ def _llama_config(f: "GGUFFile") -> dict[str, Any]:
 
 def _gemma3_config(f: "GGUFFile") -> dict[str, Any]:
     cfg = _common_config(f)
-    full = {"rope_type": "default", "rope_theta": float(f.meta("gemma3.rope.freq_base", 1_000_000.0))}
+    full = {"rope_type": "default", "rope_theta": f.meta_float("gemma3.rope.freq_base", 1_000_000.0)}
     full.update(_rope_scaling(f) or {})
     cfg.update(
         model_type="gemma3_text",
         architectures=["Gemma3ForCausalLM"],
         hidden_activation="gelu_pytorch_tanh",
-        sliding_window=int(f.meta("gemma3.attention.sliding_window", 4096)),
+        sliding_window=f.meta_int("gemma3.attention.sliding_window", 4096),
         # Not stored in GGUF: transformers' Gemma3TextConfig defaults (local base 10k, pattern 6), and the
         # attention scale as llama.cpp computes it: 1/sqrt(head_dim), except for the 62-layer Gemma 3 27B,
         # 1/sqrt(n_embd / n_head) (168, its released query_pre_attn_scalar; every other size has 256 = head_dim)
@@ -256,6 +261,15 @@ class GGUFFile:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise CheckpointError(f"{self.path}: GGUF metadata {key} must be an integer, got {value!r}")
         return int(value)
+
+    def meta_float(self, key: str, default: Any = ...) -> Any:
+        """A numeric metadata value as a float (``default`` when absent)."""
+        value = self.meta(key, default)
+        if value is default:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise CheckpointError(f"{self.path}: GGUF metadata {key} must be a number, got {value!r}")
+        return float(value)
 
     def meta(self, key: str, default: Any = ...) -> Any:
         if key not in self.fields:

@@ -15,6 +15,7 @@ u64 offset); tensor data after padding to ``general.alignment`` (default 32).
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,13 +107,23 @@ class GGUFContainer:
             raise GGUFFormatError(f"general.alignment must be a non-zero power of two, got {align!r}")
         start = (self._pos + align - 1) // align * align
         self.tensors: dict[str, TensorInfo] = {}
+        expected = 0  # llama.cpp's rule: tensor data in table order, each at the aligned end of the previous
         for name, dims, ttype, offset in infos:
             try:
                 block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
             except (ValueError, KeyError):
                 raise GGUFFormatError(f"tensor {name!r} has unknown type {ttype}") from None
-            n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+            if name in self.tensors:
+                raise GGUFFormatError(f"tensor {name!r} appears twice in the tensor table")
+            n = math.prod(dims)  # (Python integers: a product past 64 bits is caught below, not wrapped)
+            if dims and dims[0] % block:
+                raise GGUFFormatError(f"tensor {name!r}: its rows of {dims[0]} values are not whole blocks of {block} "
+                                      f"for type {GGMLQuantizationType(ttype).name}")
             nbytes = n // block * type_size
+            if offset != expected:
+                raise GGUFFormatError(f"tensor {name!r} starts at data offset {offset}, expected {expected} (the "
+                                      "aligned end of the previous tensor): the tensor table is corrupt")
+            expected += (nbytes + align - 1) // align * align
             info = TensorInfo(name, dims, ttype, start + offset, nbytes)
             if info.offset + nbytes > len(buf):
                 raise GGUFFormatError(

@@ -228,16 +228,27 @@ def build_gguf_tokenizer(path: str | Path) -> GGUFTokenizerSpec:
     if model is None or "tokenizer.ggml.tokens" not in meta:
         raise CheckpointError(f"{path}: the GGUF file has no tokenizer (no tokenizer.ggml.model / tokens metadata)")
     arch = meta.get("general.architecture", "")
-    if model == "gpt2":
-        tok, alphabet = _byte_level(meta)
-    elif model == "llama" and arch in GEMMA_ARCHITECTURES:
-        tok, alphabet = _gemma(meta)
-    elif model == "llama":
-        tok, alphabet = _sentencepiece(meta)
-    else:
+    for key, kinds in (("tokens", (str,)), ("merges", (str,)), ("token_type", (int,)), ("scores", (int, float))):
+        values = meta.get(f"tokenizer.ggml.{key}")
+        if values is None:
+            continue
+        bad = values if not isinstance(values, list) else next(
+            (v for v in values if not isinstance(v, kinds) or isinstance(v, bool)), None)
+        if bad is not None:
+            raise CheckpointError(f"{path}: GGUF metadata tokenizer.ggml.{key} must be an array of "
+                                  f"{' or '.join(k.__name__ for k in kinds)} values, got {bad!r}"[:300])
+    builders = {"gpt2": _byte_level, "llama": _gemma if arch in GEMMA_ARCHITECTURES else _sentencepiece}
+    if not isinstance(model, str) or model not in builders:
         raise UnsupportedModelError(
             f"{path}: GGUF tokenizer.ggml.model = {model!r} is not supported; supported: {list(SUPPORTED_MODELS)} "
             "(convert the model with its Hugging Face tokenizer files instead)")
+    try:
+        tok, alphabet = builders[model](meta)
+    except BaseException as e:  # (the tokenizers library raises a bare Exception, or a Rust panic, which is a
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):  # BaseException, for an inconsistent vocabulary)
+            raise
+        raise CheckpointError(f"{path}: the GGUF tokenizer metadata does not make a {model!r} tokenizer "
+                              f"({type(e).__name__}: {e})") from None
 
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types: list[int] = meta.get("tokenizer.ggml.token_type") or []
