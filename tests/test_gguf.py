@@ -303,3 +303,11 @@ def test_a_non_numeric_gguf_float_is_named(tiny_llama, tmp_path, monkeypatch, va
     monkeypatch.setattr(GGUFContainer, "__init__", patched)
     with pytest.raises(CheckpointError, match="llama.rope.freq_base must be a number"):
         llmparts.load_pretrained(path)
+
+
+def test_a_vocab_size_the_embedding_contradicts_is_named(tiny_llama, tmp_path):
+    bad = tmp_path / "v.gguf"
+    raw = write_llama_gguf(tmp_path / "t.gguf", tiny_llama).read_bytes()
+    bad.write_bytes(_patch_after(raw, "llama.vocab_size", 4, (V + 72).to_bytes(4, "little")))
+    with pytest.raises(CheckpointError, match=f"llama.vocab_size is {V + 72} but the token embedding has {V} rows"):
+        llmparts.load_pretrained(bad)

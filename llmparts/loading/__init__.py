@@ -94,6 +94,7 @@ def load_pretrained(source: str | Path, dtype: torch.dtype | str | None = None,
         if len(ggufs) == 1:
             return load_gguf(ggufs[0], dtype, device)
     cfg, raw, family = read_hf_config(path, strict_config)
+    generation = _generation_config(path)  # (checked before any weight is read)
     try:
         ckpt: Any = SafetensorsCheckpoint(path)
     except CheckpointError:
@@ -109,7 +110,7 @@ def load_pretrained(source: str | Path, dtype: torch.dtype | str | None = None,
     model.to(dtype)
     model = fill_model(model, ckpt, family.weight_rules(raw), device, source=str(path))
     model.hf_model_type = family.model_types[0]
-    model.generation_config = _generation_config(path)
+    model.generation_config = generation
     return model
 
 

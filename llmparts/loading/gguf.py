@@ -129,7 +129,13 @@ def _common_config(f: "GGUFFile") -> dict[str, Any]:
     rope_dim = f.meta_int(f"{a}.rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise UnsupportedModelError(f"{f.path}: partial rotary ({a}.rope.dimension_count={rope_dim} < head_dim {head_dim})")
+    if "model.embed_tokens.weight" not in f.shapes or len(f.shapes["model.embed_tokens.weight"]) != 2:
+        raise CheckpointError(f"{f.path}: the GGUF file has no two-dimensional token embedding (token_embd.weight)")
     vocab, width = f.shapes["model.embed_tokens.weight"]
+    listed = f.meta_int(f"{a}.vocab_size", vocab)
+    if listed != vocab:
+        raise CheckpointError(f"{f.path}: GGUF metadata {a}.vocab_size is {listed} but the token embedding has "
+                              f"{vocab} rows")
     if width != d_model:  # (checked before any module is built from the sizes)
         raise CheckpointError(f"{f.path}: GGUF metadata {a}.embedding_length is {d_model} but the token embedding "
                               f"is {width} wide")

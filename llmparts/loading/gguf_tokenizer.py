@@ -237,6 +237,11 @@ def build_gguf_tokenizer(path: str | Path) -> GGUFTokenizerSpec:
         if bad is not None:
             raise CheckpointError(f"{path}: GGUF metadata tokenizer.ggml.{key} must be an array of "
                                   f"{' or '.join(k.__name__ for k in kinds)} values, got {bad!r}"[:300])
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "eot_token_id",
+                "eom_token_id"):
+        i = meta.get(f"tokenizer.ggml.{key}")
+        if i is not None and (isinstance(i, bool) or not isinstance(i, int)):
+            raise CheckpointError(f"{path}: GGUF metadata tokenizer.ggml.{key} must be an integer, got {i!r}")
     builders = {"gpt2": _byte_level, "llama": _gemma if arch in GEMMA_ARCHITECTURES else _sentencepiece}
     if not isinstance(model, str) or model not in builders:
         raise UnsupportedModelError(
