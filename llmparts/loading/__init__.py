@@ -42,9 +42,9 @@ def read_hf_config(directory: Path, strict: bool = True) -> tuple[ModelConfig, d
     data = _json_object(path)
     for key in ("dtype", "torch_dtype"):  # (informational: the weights' own dtype is the default)
         v = data.get(key)
-        if v is not None and not (isinstance(v, str) and isinstance(getattr(torch, v.removeprefix("torch."), None),
-                                                                     torch.dtype)):
-            raise ConfigError(f"{path}: {key} must name a torch dtype (e.g. \"bfloat16\") or be null, got {v!r}")
+        if v not in (None, "auto") and not (
+                isinstance(v, str) and isinstance(getattr(torch, v.removeprefix("torch."), None), torch.dtype)):
+            raise ConfigError(f"{path}: {key} must name a torch dtype (e.g. \"bfloat16\"), \"auto\" or be null, got {v!r}")
     hf = HFConfig(data, str(path))
     quant = parse_quant_config(hf.get("quantization_config"), str(path))
     family = family_for(hf.get("model_type"), str(path))
