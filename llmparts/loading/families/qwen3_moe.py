@@ -34,12 +34,13 @@ def qwen3_moe_from_hf(hf: HFConfig) -> dict[str, Any]:
     dense = cfg["mlp"]
     step = hf.get("decoder_sparse_step", 1)
     only = hf.get("mlp_only_layers", [])
+    dense_layers = list(range(n))
     if n_experts:
         if not isinstance(step, int) or step < 1:
             raise ConfigError(f"{hf.source}: decoder_sparse_step must be an integer >= 1, got {step!r}")
         if not isinstance(only, list) or any(not isinstance(i, int) or not 0 <= i < n for i in only):
             raise ConfigError(f"{hf.source}: mlp_only_layers must list layer indices in [0, {n}), got {only!r}")
-    dense_layers = [i for i in range(n) if i in only or (i + 1) % step != 0] if n_experts else list(range(n))
+        dense_layers = [i for i in dense_layers if i in only or (i + 1) % step != 0]
     if len(dense_layers) == n:  # no MoE layer: the experts' fields describe nothing (as in transformers)
         for key in ("num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "router_aux_loss_coef"):
             hf.get(key)
